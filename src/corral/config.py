@@ -1,0 +1,87 @@
+"""Configuration: a TOML file plus ``CORRAL_*`` environment variables.
+
+The file is ``$CORRAL_CONFIG`` or ``/etc/corral/corral.toml``; environment variables win
+over it. The defaults work as root on a fresh Debian machine.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+DEFAULT_CONFIG_FILE = Path("/etc/corral/corral.toml")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CORRAL_", extra="forbid", frozen=True)
+
+    state_dir: Path = Path("/var/lib/corral")
+    """Holds the SQLite store, the image library, machine disks and console logs."""
+    database_url: str | None = None
+    """SQLAlchemy URL; default: SQLite at ``state_dir/corral.db``."""
+    host_uri: str = "qemu:///system"
+    """libvirt URI of the local host, enrolled on first use."""
+    host_name: str = "local"
+    pool_name: str = "corral"
+    """Name of the libvirt directory pool holding machine disks and seeds."""
+    network_name: str = "corral"
+    """Isolated libvirt network (no forward, no address) that machine NICs join."""
+    stop_timeout: float = 60.0
+    ready_timeout: float = 180.0
+    kvm_probe_timeout: float = 20.0
+    qemu_img_cpu_seconds: int = 60
+    qemu_img_address_space: int = 1 << 30
+    appliance_cache_dir: Path | None = None
+    """Where downloaded Debian packages for the appliance are kept; default under state_dir."""
+    failpoint: str | None = Field(default=None, repr=False)
+    """``step:before`` or ``step:after``: SIGKILL this process there. For crash tests only."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        path = Path(os.environ.get("CORRAL_CONFIG", DEFAULT_CONFIG_FILE))
+        toml = TomlConfigSettingsSource(settings_cls, toml_file=path if path.is_file() else None)
+        return (init_settings, env_settings, toml)
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.state_dir / 'corral.db'}"
+
+    @property
+    def image_dir(self) -> Path:
+        return self.state_dir / "images"
+
+    @property
+    def pool_dir(self) -> Path:
+        return self.state_dir / "pool"
+
+    @property
+    def console_dir(self) -> Path:
+        return self.state_dir / "console"
+
+    @property
+    def lock_dir(self) -> Path:
+        return self.state_dir / "locks"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.appliance_cache_dir or self.state_dir / "cache"
+
+
+def load_settings(**overrides: Any) -> Settings:
+    return Settings(**overrides)

@@ -1,0 +1,59 @@
+"""States as libvirt reports them, plus the few that only the store knows."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class PowerState(StrEnum):
+    """A domain's state, one value per libvirt ``VIR_DOMAIN_*`` state: paused is not shut off."""
+
+    NOSTATE = "nostate"
+    RUNNING = "running"
+    BLOCKED = "blocked"
+    PAUSED = "paused"
+    SHUTTING_DOWN = "shutting-down"
+    SHUT_OFF = "shut-off"
+    CRASHED = "crashed"
+    SUSPENDED = "pm-suspended"
+
+
+class RecordState(StrEnum):
+    """What the store says about a machine record, independent of power."""
+
+    PROVISIONING = "provisioning"
+    READY = "ready"
+    MISSING = "missing"
+    """The record's domain vanished from its host; kept, never deleted silently."""
+    DELETING = "deleting"
+
+
+class Accelerator(StrEnum):
+    KVM = "kvm"
+    TCG = "tcg"
+
+
+class CloneMode(StrEnum):
+    LINKED = "linked"
+    FULL = "full"
+
+
+class ImageFormat(StrEnum):
+    QCOW2 = "qcow2"
+    RAW = "raw"
+    VMDK = "vmdk"
+    VDI = "vdi"
+
+
+class JobState(StrEnum):
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    ROLLED_BACK = "rolled-back"
+
+
+class StepState(StrEnum):
+    PENDING = "pending"
+    STARTED = "started"
+    DONE = "done"
+    COMPENSATED = "compensated"
