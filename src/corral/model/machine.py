@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from corral.model.image import KernelBoot
-from corral.model.states import Accelerator, CloneMode, PowerState, RecordState
+from corral.model.states import Accelerator, CloneMode, RecordState
 
 
 @dataclass(frozen=True, slots=True)
