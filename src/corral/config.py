@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field
 from pydantic_settings import (
@@ -37,6 +37,8 @@ class Settings(BaseSettings):
     """Isolated libvirt network (no forward, no address) that machine NICs join."""
     stop_timeout: float = 60.0
     ready_timeout: float = 180.0
+    accelerator: Literal["auto", "kvm", "tcg"] = "auto"
+    """``auto``: KVM only when a short boot probe proves it works, else TCG."""
     kvm_probe_timeout: float = 20.0
     qemu_img_cpu_seconds: int = 60
     qemu_img_address_space: int = 1 << 30

@@ -23,6 +23,7 @@ class Job:
     kind: str
     target: str
     state: JobState
+    owner: str
     steps: tuple[Step, ...]
     error: str | None
     created_at: datetime

@@ -29,7 +29,8 @@ class Identity:
     """What makes a clone a machine of its own."""
 
     uuid: str
-    mac: str
+    mac: str | None
+    """``None`` only for adopted domains without a network interface."""
     hostname: str
     instance_id: str
 

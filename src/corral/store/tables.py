@@ -1,0 +1,95 @@
+"""The store's tables. Intent lives here; libvirt holds fact (see ops.reconcile)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, ClassVar
+
+from sqlalchemy import JSON, BigInteger, ForeignKey, Integer, String, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+class Base(DeclarativeBase):
+    type_annotation_map: ClassVar[dict[Any, Any]] = {
+        dict[str, Any]: JSON,
+        list[str]: JSON,
+        int: BigInteger,
+    }
+
+
+class HostRow(Base):
+    __tablename__ = "hosts"
+
+    name: Mapped[str] = mapped_column(String(63), primary_key=True)
+    uri: Mapped[str] = mapped_column(String(255), unique=True)
+    facts: Mapped[dict[str, Any]]
+    accelerator: Mapped[str] = mapped_column(String(16))
+    accelerator_note: Mapped[str] = mapped_column(Text)
+    pool_name: Mapped[str] = mapped_column(String(63))
+    pool_path: Mapped[str] = mapped_column(Text)
+    enrolled_at: Mapped[datetime]
+
+
+class ImageRow(Base):
+    __tablename__ = "images"
+
+    name: Mapped[str] = mapped_column(String(63), primary_key=True)
+    path: Mapped[str] = mapped_column(Text, unique=True)
+    source_format: Mapped[str] = mapped_column(String(16))
+    sha256: Mapped[str] = mapped_column(String(64))
+    virtual_size: Mapped[int]
+    kernel: Mapped[str | None] = mapped_column(Text)
+    initrd: Mapped[str | None] = mapped_column(Text)
+    cmdline: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime]
+
+
+class MachineRow(Base):
+    __tablename__ = "machines"
+
+    name: Mapped[str] = mapped_column(String(63), primary_key=True)
+    uuid: Mapped[str] = mapped_column(String(36), unique=True)
+    mac: Mapped[str | None] = mapped_column(String(17), unique=True)
+    hostname: Mapped[str] = mapped_column(String(63))
+    instance_id: Mapped[str] = mapped_column(String(64))
+    host: Mapped[str] = mapped_column(ForeignKey("hosts.name", ondelete="RESTRICT"))
+    # RESTRICT: an image cannot vanish from under the machines whose disks read it.
+    image: Mapped[str | None] = mapped_column(ForeignKey("images.name", ondelete="RESTRICT"))
+    cpus: Mapped[int] = mapped_column(Integer)
+    memory_bytes: Mapped[int]
+    clone_mode: Mapped[str | None] = mapped_column(String(16))
+    disk_path: Mapped[str] = mapped_column(Text)
+    seed_path: Mapped[str | None] = mapped_column(Text)
+    record_state: Mapped[str] = mapped_column(String(16))
+    managed: Mapped[bool]
+    ssh_keys: Mapped[list[str]]
+    created_at: Mapped[datetime]
+
+
+class JobRow(Base):
+    __tablename__ = "jobs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    target: Mapped[str] = mapped_column(String(255))
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    owner: Mapped[str] = mapped_column(String(64))
+    """The lock file its running process holds; a free lock means the process died."""
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime]
+    finished_at: Mapped[datetime | None]
+    steps: Mapped[list[StepRow]] = relationship(
+        order_by="StepRow.position", cascade="all, delete-orphan", lazy="selectin"
+    )
+
+
+class StepRow(Base):
+    __tablename__ = "job_steps"
+
+    job_id: Mapped[int] = mapped_column(
+        ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
+    )
+    position: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16))
+    args: Mapped[dict[str, Any]]
