@@ -1,0 +1,65 @@
+"""The ``corral`` command. Errors end here: one sentence and an exit code, no traceback."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import typer
+from pydantic import ValidationError
+
+from corral.cli import hosts, images, vms
+from corral.cli.common import OutputOpt, context
+from corral.cli.render import Output, emit, err, error
+from corral.errors import CorralError
+from corral.ops import reconcile
+
+app = typer.Typer(
+    help="Corral: one console over every machine a data center runs.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.add_typer(hosts.app, name="host")
+app.add_typer(images.app, name="image")
+app.add_typer(vms.app, name="vm")
+
+
+@app.command()
+def sync(output: OutputOpt = Output.TABLE) -> None:
+    """Reconcile the store with libvirt and report every difference."""
+    from rich.table import Table
+
+    with context() as ctx:
+        report = reconcile.sync(ctx)
+    rows = (
+        [{"name": n, "status": "unmanaged"} for n in report.unmanaged]
+        + [{"name": n, "status": "missing"} for n in report.missing]
+        + [{"name": n, "status": "returned"} for n in report.returned]
+    )
+    table = Table("NAME", "STATUS", "WHAT TO DO", box=None)
+    advice = {
+        "unmanaged": "defined outside Corral: 'corral vm adopt NAME' takes it over",
+        "missing": "its domain is gone from the host; the record is kept",
+        "returned": "its domain is back; marked ready again",
+    }
+    for row in rows:
+        table.add_row(row["name"], row["status"], advice[row["status"]])
+    if output is Output.TABLE and not rows:
+        err.print("In sync: every record has its domain and every domain its record.")
+        return
+    emit(rows, output, table)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    try:
+        app()  # standalone: Typer reports usage errors and exits with their code
+    except CorralError as exc:
+        error(exc)
+        sys.exit(exc.exit_code)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        error(f"configuration value '{where}' is invalid: {first['msg']}.")
+        sys.exit(2)

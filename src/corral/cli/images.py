@@ -1,0 +1,78 @@
+"""corral image …"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+
+from corral.cli.common import OutputOpt, context
+from corral.cli.render import Output, details_table, emit, err, image_dict, images_table, out
+from corral.model import ImageFormat
+from corral.ops import images as ops
+
+app = typer.Typer(help="The image library: read-only bases that machines clone.",
+                  no_args_is_help=True)
+
+
+@app.command("list")
+def list_images(output: OutputOpt = Output.TABLE) -> None:
+    """List the images in the library."""
+    with context(enroll=False) as ctx:
+        images = ctx.store.list_images()
+        emit([image_dict(i) for i in images], output, images_table(images))
+
+
+@app.command()
+def show(name: str, output: OutputOpt = Output.TABLE) -> None:
+    """Show an image: format, size, checksum and how it boots."""
+    with context(enroll=False) as ctx:
+        d = image_dict(ctx.store.get_image(name))
+        d["used_by"] = ctx.store.machines_using_image(name)
+        emit(d, output, details_table(d))
+
+
+@app.command("import")
+def import_image(
+    file: Annotated[Path, typer.Argument(help="qcow2, raw, vmdk or vdi image")],
+    name: Annotated[str | None, typer.Option(help="name in the library")] = None,
+    fmt: Annotated[
+        ImageFormat | None,
+        typer.Option("--format", help="declared format; checked against the file"),
+    ] = None,
+    kernel: Annotated[Path | None, typer.Option(help="kernel for direct kernel boot")] = None,
+    initrd: Annotated[Path | None, typer.Option(help="initrd for direct kernel boot")] = None,
+    cmdline: Annotated[str, typer.Option(help="kernel command line")] = "",
+) -> None:
+    """Inspect an image and import it as a read-only qcow2 base."""
+    with context(enroll=False) as ctx, Progress(
+        TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
+        TimeRemainingColumn(), console=err, transient=True,
+    ) as bar:
+        task = bar.add_task(f"importing {file.name}", total=100)
+        image = ops.import_image(
+            ctx, file, name=name, declared=fmt, kernel=kernel, initrd=initrd,
+            cmdline=cmdline, progress=lambda pct: bar.update(task, completed=pct),
+        )
+    out.print(f"Imported [bold]{image.name}[/] ({image.source_format.value}, sha256 "
+              f"{image.sha256[:12]}…).")
+
+
+@app.command()
+def delete(name: str) -> None:
+    """Delete an image; refused while a machine's disk depends on it."""
+    with context(enroll=False) as ctx:
+        ops.delete_image(ctx, name)
+    out.print(f"Deleted image [bold]{name}[/].")
+
+
+@app.command("build-appliance")
+def build_appliance(
+    force: Annotated[bool, typer.Option(help="rebuild even if it exists")] = False,
+) -> None:
+    """Build the built-in appliance (Debian cloud kernel + busybox) and import it."""
+    with context(enroll=False) as ctx:
+        image = ops.build_appliance(ctx, log=lambda s: err.print(f"[dim]{s}[/]"), force=force)
+    out.print(f"Appliance image [bold]{image.name}[/] is ready ({image.sha256[:12]}…).")

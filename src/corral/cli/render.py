@@ -1,0 +1,150 @@
+"""How things look: Rich tables for people, JSON with stable keys for scripts."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from enum import StrEnum
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from corral.model import Host, Image
+from corral.model.units import format_size
+from corral.ops.lifecycle import MachineStatus
+
+# Piped output is for reading in full (less, grep): never squeeze it to 80 columns.
+out = Console(width=None if sys.stdout.isatty() else 240)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 240)
+
+
+def error(message: object) -> None:
+    """An error as the user sees it: one line, never wrapped, never a traceback."""
+    err.print(f"[red]error:[/] {message}", highlight=False, soft_wrap=True)
+
+
+class Output(StrEnum):
+    TABLE = "table"
+    JSON = "json"
+
+
+def emit(rows: Sequence[dict[str, Any]] | dict[str, Any], output: Output, table: Table) -> None:
+    if output is Output.JSON:
+        print(json.dumps(rows, indent=2, sort_keys=True, default=str))
+    else:
+        out.print(table)
+
+
+def host_dict(h: Host) -> dict[str, Any]:
+    return {
+        "name": h.name,
+        "uri": h.uri,
+        "hostname": h.facts.hostname,
+        "arch": h.facts.arch,
+        "cpu_model": h.facts.cpu_model,
+        "cpus": h.facts.cpus,
+        "memory_bytes": h.facts.memory_bytes,
+        "hypervisor": f"{h.facts.hypervisor} {h.facts.hypervisor_version}",
+        "accelerator": h.accelerator.value,
+        "accelerator_note": h.accelerator_note,
+        "pool": h.pool_name,
+        "pool_path": h.pool_path,
+    }
+
+
+def image_dict(i: Image) -> dict[str, Any]:
+    return {
+        "name": i.name,
+        "path": i.path,
+        "source_format": i.source_format.value,
+        "virtual_size": i.virtual_size,
+        "sha256": i.sha256,
+        "boot": "kernel" if i.kernel_boot else "disk",
+        "kernel": i.kernel_boot.kernel if i.kernel_boot else None,
+        "initrd": i.kernel_boot.initrd if i.kernel_boot else None,
+        "cmdline": i.kernel_boot.cmdline if i.kernel_boot else None,
+        "created_at": i.created_at.isoformat(),
+    }
+
+
+def machine_dict(s: MachineStatus) -> dict[str, Any]:
+    m = s.machine
+    return {
+        "name": m.name,
+        "state": state_text(s),
+        "record": m.record_state.value,
+        "host": m.host,
+        "image": m.image,
+        "clone": m.clone.value if m.clone else None,
+        "uuid": m.identity.uuid,
+        "mac": m.identity.mac,
+        "hostname": m.identity.hostname,
+        "instance_id": m.identity.instance_id,
+        "cpus": m.cpus,
+        "memory_bytes": m.memory_bytes,
+        "disk_path": m.disk_path,
+        "seed_path": m.seed_path,
+        "virtual_size": s.usage.virtual_size if s.usage else None,
+        "owned_bytes": s.usage.owned_bytes if s.usage else None,
+        "shared_bytes": s.usage.shared_bytes if s.usage else None,
+        "adopted": not m.managed,
+    }
+
+
+def state_text(s: MachineStatus) -> str:
+    if s.power is None:
+        return "missing"
+    return s.power.value
+
+
+_STATE_STYLE = {"running": "green", "shut-off": "dim", "paused": "yellow", "missing": "red",
+                "crashed": "red"}
+
+
+def hosts_table(hosts: Sequence[Host]) -> Table:
+    t = Table("NAME", "URI", "CPUS", "MEMORY", "ACCEL", "POOL", box=None)
+    for h in hosts:
+        t.add_row(h.name, h.uri, str(h.facts.cpus), format_size(h.facts.memory_bytes),
+                  h.accelerator.value, h.pool_path)
+    return t
+
+
+def images_table(images: Sequence[Image]) -> Table:
+    t = Table("NAME", "FORMAT", "VIRTUAL", "BOOT", "SHA256", box=None)
+    for i in images:
+        t.add_row(i.name, i.source_format.value, format_size(i.virtual_size),
+                  "kernel" if i.kernel_boot else "disk", i.sha256[:12])
+    return t
+
+
+def machines_table(statuses: Sequence[MachineStatus]) -> Table:
+    t = Table("NAME", "STATE", "HOST", "IMAGE", "UUID", "MAC", "VIRTUAL", "OWNED", "SHARED",
+              box=None)
+    for s in statuses:
+        state = state_text(s)
+        u = s.usage
+        t.add_row(
+            s.machine.name,
+            f"[{_STATE_STYLE.get(state, 'white')}]{state}[/]",
+            s.machine.host,
+            s.machine.image or "-",
+            s.machine.identity.uuid,
+            s.machine.identity.mac or "-",
+            format_size(u.virtual_size) if u else "-",
+            format_size(u.owned_bytes) if u else "-",
+            format_size(u.shared_bytes) if u else "-",
+        )
+    return t
+
+
+def details_table(d: dict[str, Any]) -> Table:
+    t = Table(show_header=False, box=None)
+    t.add_column(style="bold")
+    t.add_column()
+    for key, value in d.items():
+        if key.endswith("_bytes") or key == "virtual_size":
+            value = f"{format_size(value)} ({value} bytes)" if value is not None else "-"
+        t.add_row(key.replace("_", " "), "-" if value is None else str(value))
+    return t

@@ -1,0 +1,44 @@
+"""Reading what guests print on their serial console (libvirt logs it to a file)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+READY_MARKER = "CORRAL-READY"
+_FIELD = re.compile(r"([a-z-]+)=(\S+)")
+
+
+@dataclass(frozen=True, slots=True)
+class ReadyReport:
+    """What a guest said about itself in its readiness line."""
+
+    hostname: str
+    instance_id: str
+    mac: str
+
+
+def find_line(log: Path, marker: str) -> str | None:
+    """The first console line starting with ``marker``, or None (also if no log yet)."""
+    try:
+        data = log.read_bytes()
+    except FileNotFoundError:
+        return None
+    for raw in data.splitlines():
+        line = raw.decode("utf-8", "replace").strip("\r\n \x00")
+        if line.startswith(marker):
+            return line
+    return None
+
+
+def read_ready(log: Path) -> ReadyReport | None:
+    line = find_line(log, READY_MARKER)
+    if line is None:
+        return None
+    fields = dict(_FIELD.findall(line))
+    return ReadyReport(
+        hostname=fields.get("hostname", ""),
+        instance_id=fields.get("instance-id", ""),
+        mac=fields.get("mac", ""),
+    )

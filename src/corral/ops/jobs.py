@@ -1,0 +1,206 @@
+"""Jobs: every step is written down before it runs, and each has a compensation.
+
+A step kind is registered by name, so a later process can compensate or finish a job
+from its recorded arguments alone. A running job holds an exclusive ``flock`` on its
+owner file; when the next ``corral`` command finds a job still "running" whose lock
+it can take, the process that ran it is dead, and the job is recovered:
+
+- kinds that create something (provision, clone) roll back: the started and done
+  steps are compensated in reverse order;
+- kinds that remove something (delete) roll forward: the remaining steps run again.
+
+Every ``run`` and ``undo`` is idempotent, because a crash can come between doing a
+thing and recording that it was done.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import secrets
+import signal
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from corral.errors import CorralError
+from corral.model import Job, JobState, Step, StepState
+
+if TYPE_CHECKING:
+    from corral.ops.context import Context
+
+log = logging.getLogger(__name__)
+
+StepFn = Callable[["Context", dict[str, Any]], None]
+
+
+class Recovery(StrEnum):
+    ROLL_BACK = "roll-back"
+    ROLL_FORWARD = "roll-forward"
+
+
+@dataclass(frozen=True, slots=True)
+class StepKind:
+    name: str
+    run: StepFn
+    undo: StepFn
+
+
+@dataclass(frozen=True, slots=True)
+class JobKind:
+    name: str
+    recovery: Recovery
+
+
+_STEPS: dict[str, StepKind] = {}
+_JOBS: dict[str, JobKind] = {}
+
+
+def step(name: str, *, undo: StepFn) -> Callable[[StepFn], StepFn]:
+    """Register a step kind: ``@step("disk.create", undo=delete_disk)``."""
+
+    def register(run: StepFn) -> StepFn:
+        _STEPS[name] = StepKind(name, run, undo)
+        return run
+
+    return register
+
+
+def job_kind(name: str, recovery: Recovery) -> JobKind:
+    kind = JobKind(name, recovery)
+    _JOBS[name] = kind
+    return kind
+
+
+def nothing(_ctx: Context, _args: dict[str, Any]) -> None:
+    """The compensation of a step that changes nothing outside the record."""
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedStep:
+    name: str
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+class JobFailed(CorralError):
+    """A step failed; the job was rolled back and the original error is the cause."""
+
+
+def run_job(ctx: Context, kind: JobKind, target: str, steps: Sequence[PlannedStep]) -> Job:
+    """Persist the job, then run its steps in order, each outcome committed before the next.
+
+    On an error, the steps already started are compensated in reverse and the original
+    error is raised again; cleanup failures are logged, never hide it.
+    """
+    unknown = [s.name for s in steps if s.name not in _STEPS]
+    if unknown:
+        raise ValueError(f"unregistered steps: {unknown}")
+    with _owner_lock(ctx.settings.lock_dir) as owner:
+        job = ctx.store.create_job(
+            kind.name, target, owner, [Step(s.name, StepState.PENDING, s.args) for s in steps]
+        )
+        try:
+            for position, planned in enumerate(steps):
+                _failpoint(ctx, planned.name, "before")
+                ctx.store.set_step_state(job.id, position, StepState.STARTED)
+                _STEPS[planned.name].run(ctx, planned.args)
+                _failpoint(ctx, planned.name, "after")
+                ctx.store.set_step_state(job.id, position, StepState.DONE)
+        except BaseException as exc:
+            if kind.recovery is Recovery.ROLL_BACK:
+                _roll_back(ctx, ctx.store.get_job(job.id))
+                ctx.store.finish_job(job.id, JobState.ROLLED_BACK, _describe(exc))
+            else:
+                ctx.store.finish_job(job.id, JobState.FAILED, _describe(exc))
+            raise
+        ctx.store.finish_job(job.id, JobState.SUCCEEDED)
+        return ctx.store.get_job(job.id)
+
+
+def recover_abandoned(ctx: Context) -> list[Job]:
+    """Finish or roll back every job whose process died. Returns the jobs recovered."""
+    recovered = []
+    for job in ctx.store.list_jobs(JobState.RUNNING, limit=1000):
+        lock_path = ctx.settings.lock_dir / job.owner
+        with _try_lock(lock_path) as free:
+            if not free:
+                continue  # its process is alive and still working on it
+            kind = _JOBS.get(job.kind)
+            if kind is None or kind.recovery is Recovery.ROLL_BACK:
+                _roll_back(ctx, job)
+                ctx.store.finish_job(job.id, JobState.ROLLED_BACK, "interrupted; rolled back")
+            else:
+                _roll_forward(ctx, job)
+                ctx.store.finish_job(job.id, JobState.SUCCEEDED, "interrupted; finished")
+            recovered.append(ctx.store.get_job(job.id))
+        lock_path.unlink(missing_ok=True)
+    return recovered
+
+
+def _roll_back(ctx: Context, job: Job) -> None:
+    for position in reversed(range(len(job.steps))):
+        st = job.steps[position]
+        if st.state not in (StepState.STARTED, StepState.DONE):
+            continue
+        try:
+            _STEPS[st.name].undo(ctx, st.args)
+            ctx.store.set_step_state(job.id, position, StepState.COMPENSATED)
+        except Exception:
+            # Keep compensating the rest: one stuck resource must not strand the others.
+            log.exception("job %s: compensating step %s failed", job.id, st.name)
+
+
+def _roll_forward(ctx: Context, job: Job) -> None:
+    for position, st in enumerate(job.steps):
+        if st.state is StepState.DONE:
+            continue
+        _STEPS[st.name].run(ctx, st.args)
+        ctx.store.set_step_state(job.id, position, StepState.DONE)
+
+
+def _failpoint(ctx: Context, step_name: str, when: str) -> None:
+    # Crash injection for the tests that kill Corral at every step (like etcd's gofail):
+    # inert unless CORRAL_FAILPOINT names this step.
+    if ctx.settings.failpoint == f"{step_name}:{when}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _describe(exc: BaseException) -> str:
+    return str(exc) if isinstance(exc, CorralError) else f"{type(exc).__name__}: {exc}"
+
+
+@contextmanager
+def _owner_lock(lock_dir: Path) -> Iterator[str]:
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    name = f"job-{os.getpid()}-{secrets.token_hex(4)}.lock"
+    path = lock_dir / name
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield name
+    finally:
+        path.unlink(missing_ok=True)
+        os.close(fd)
+
+
+@contextmanager
+def _try_lock(path: Path) -> Iterator[bool]:
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        yield True  # the owner removed its file on exit, or never got to lock it
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        os.close(fd)

@@ -1,0 +1,159 @@
+"""Power actions, delete and clone of existing machines."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from corral.errors import Conflict, CorralError, HypervisorError, NotFound
+from corral.identity import allocate_macs, check_name, new_identity
+from corral.model import CloneMode, DiskUsage, Machine, PowerState, RecordState
+from corral.ops import steps as _steps  # noqa: F401  (registers the step kinds)
+from corral.ops.context import Context
+from corral.ops.jobs import PlannedStep, Recovery, job_kind, run_job
+from corral.ops.machines import console_log, machine_args, volume_names
+
+DELETE = job_kind("delete", Recovery.ROLL_FORWARD)
+CLONE = job_kind("clone", Recovery.ROLL_BACK)
+
+_OFF = frozenset({PowerState.SHUT_OFF, PowerState.CRASHED})
+
+
+@dataclass(frozen=True, slots=True)
+class MachineStatus:
+    machine: Machine
+    power: PowerState | None
+    """``None`` when the domain is missing from its host."""
+    usage: DiskUsage | None
+
+
+def status(ctx: Context, machine: Machine) -> MachineStatus:
+    try:
+        power: PowerState | None = ctx.driver.state(machine.name)
+    except NotFound:
+        power = None
+    try:
+        usage: DiskUsage | None = ctx.storage.usage(Path(machine.disk_path))
+    except CorralError:
+        usage = None
+    return MachineStatus(machine, power, usage)
+
+
+def start(ctx: Context, name: str) -> None:
+    machine = ctx.store.get_machine(name)
+    if ctx.driver.state(name) not in _OFF:
+        raise Conflict(f"Machine '{name}' is already running.")
+    console_log(ctx, machine.name).unlink(missing_ok=True)
+    ctx.driver.start(name)
+
+
+def stop(ctx: Context, name: str, timeout: float) -> bool:
+    """Graceful ACPI shutdown; after ``timeout`` seconds, power off. True if graceful."""
+    ctx.store.get_machine(name)
+    if ctx.driver.state(name) in _OFF:
+        return True
+    ctx.driver.shutdown(name)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if ctx.driver.state(name) in _OFF:
+            return True
+        time.sleep(0.2)
+    ctx.driver.destroy(name)
+    return False
+
+
+def reboot(ctx: Context, name: str) -> None:
+    ctx.store.get_machine(name)
+    if ctx.driver.state(name) in _OFF:
+        raise Conflict(f"Machine '{name}' is not running; start it instead.")
+    ctx.driver.reboot(name)
+
+
+def kill(ctx: Context, name: str) -> None:
+    ctx.store.get_machine(name)
+    ctx.driver.destroy(name)
+
+
+def delete(ctx: Context, name: str, *, force: bool = False) -> None:
+    """Remove domain, disk, seed, console log and record; refuse a running machine."""
+    machine = ctx.store.get_machine(name)
+    try:
+        power: PowerState | None = ctx.driver.state(name)
+    except NotFound:
+        power = None  # the domain vanished already; remove what is left
+    if power is not None and power not in _OFF and not force:
+        raise Conflict(
+            f"Machine '{name}' is {power}.", hint="Stop it first, or delete with --force."
+        )
+    uuid = machine.identity.uuid
+    plan = [
+        PlannedStep("machine.mark-deleting", {"name": name}),
+        PlannedStep("domain.destroy", {"name": name}),
+        PlannedStep("domain.undefine", {"uuid": uuid}),
+        PlannedStep("disk.delete", {"path": machine.disk_path}),
+    ]
+    if machine.seed_path:
+        plan.append(PlannedStep("file.delete", {"path": machine.seed_path}))
+    plan += [
+        PlannedStep("file.delete", {"path": str(console_log(ctx, name))}),
+        PlannedStep("machine.forget", {"name": name, "identity": {"uuid": uuid}}),
+    ]
+    run_job(ctx, DELETE, name, plan)
+
+
+def clone(ctx: Context, source: str, new: str, mode: CloneMode = CloneMode.LINKED) -> Machine:
+    """A stopped machine becomes a new one: new name, UUID, MAC and seed; disk cloned.
+
+    The new machine is left stopped, like its source.
+    """
+    check_name(new)
+    src = ctx.store.get_machine(source)
+    if ctx.driver.state(source) not in _OFF:
+        raise Conflict(f"Machine '{source}' is running.", hint="Stop it before cloning.")
+    if ctx.store.taken(names=[new]) or new in ctx.driver.domain_names():
+        raise Conflict(f"A machine named '{new}' already exists.")
+    if not src.managed or src.image is None:
+        raise HypervisorError(f"Machine '{source}' was adopted; Corral cannot clone it yet.")
+    (mac,) = allocate_macs(1, lambda c: ctx.store.taken(macs=c))
+    identity = new_identity(new, mac)
+    disk_name, seed_name = volume_names(new, identity.uuid)
+    machine = Machine(
+        name=new,
+        identity=identity,
+        host=src.host,
+        image=src.image,
+        cpus=src.cpus,
+        memory_bytes=src.memory_bytes,
+        # A linked copy of a full clone stands alone all the same: it has no base.
+        clone=mode if src.clone is CloneMode.LINKED else CloneMode.FULL,
+        disk_path=str(ctx.storage.volume_path(disk_name)),
+        seed_path=str(ctx.settings.pool_dir / f"{seed_name}.iso"),
+        record_state=RecordState.PROVISIONING,
+        managed=True,
+        created_at=src.created_at,
+        ssh_keys=src.ssh_keys,
+    )
+    size = ctx.storage.usage(Path(src.disk_path)).virtual_size
+    args = machine_args(machine)
+    run_job(
+        ctx,
+        CLONE,
+        new,
+        [
+            PlannedStep("machine.record", args),
+            PlannedStep(
+                "disk.copy",
+                {"source": src.disk_path, "path": machine.disk_path, "size": size,
+                 "mode": mode.value},
+            ),
+            PlannedStep(
+                "seed.write",
+                {"path": machine.seed_path, "identity": args["identity"],
+                 "ssh_keys": args["ssh_keys"]},
+            ),
+            PlannedStep("domain.define", {"name": new, "uuid": identity.uuid}),
+            PlannedStep("machine.ready", {"name": new}),
+        ],
+    )
+    return ctx.store.get_machine(new)

@@ -1,0 +1,187 @@
+"""Provisioning: machines from library images, each with an identity of its own."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from corral.errors import (
+    Conflict,
+    CorralError,
+    GuestTimeout,
+    InsufficientResources,
+    InvalidInput,
+)
+from corral.identity import allocate_macs, batch_names, new_identity
+from corral.model import Machine, MachineSpec, PowerState, RecordState
+from corral.model.units import format_size
+from corral.ops import steps as _steps  # noqa: F401  (registers the step kinds)
+from corral.ops.console import ReadyReport, read_ready
+from corral.ops.context import Context
+from corral.ops.hosts import local_host
+from corral.ops.jobs import PlannedStep, Recovery, job_kind, run_job
+from corral.ops.machines import console_log, machine_args, volume_names
+from corral.store.repository import utcnow
+
+PROVISION = job_kind("provision", Recovery.ROLL_BACK)
+MIN_MEMORY = 64 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class BatchResult:
+    created: list[Machine]
+    failed: dict[str, CorralError]
+
+
+def create_machines(ctx: Context, spec: MachineSpec, count: int = 1) -> BatchResult:
+    """Validate the whole batch, then provision each machine as a job of its own.
+
+    Nothing is created when the request is invalid. A machine whose job fails is rolled
+    back; the others stay, and the result says which failed and why.
+    """
+    names = batch_names(spec.name, count)
+    host, _ = local_host(ctx)
+    image = ctx.store.get_image(spec.image)
+    disk_bytes = spec.disk_bytes or image.virtual_size
+    _check_resources(ctx, spec, disk_bytes, image.virtual_size, host.facts.memory_bytes,
+                     host.facts.cpus)
+    taken = ctx.store.taken(names=names) | (set(names) & ctx.driver.domain_names())
+    if taken:
+        raise Conflict(
+            f"A machine named {_quote(sorted(taken))} already exists.",
+            hint="Choose another name, or delete the old machine first.",
+        )
+
+    macs = allocate_macs(count, lambda candidates: ctx.store.taken(macs=candidates))
+    machines = []
+    for name, mac in zip(names, macs, strict=True):
+        identity = new_identity(name, mac)
+        disk_name, seed_name = volume_names(name, identity.uuid)
+        machines.append(
+            Machine(
+                name=name,
+                identity=identity,
+                host=host.name,
+                image=image.name,
+                cpus=spec.cpus,
+                memory_bytes=spec.memory_bytes,
+                clone=spec.clone,
+                disk_path=str(ctx.storage.volume_path(disk_name)),
+                seed_path=str(ctx.settings.pool_dir / f"{seed_name}.iso"),
+                record_state=RecordState.PROVISIONING,
+                managed=True,
+                created_at=utcnow(),
+                ssh_keys=spec.ssh_keys,
+            )
+        )
+
+    def provision(m: Machine) -> Machine:
+        args = machine_args(m)
+        plan = [
+            PlannedStep("machine.record", args),
+            PlannedStep(
+                "disk.clone",
+                {"path": m.disk_path, "base": image.path, "size": disk_bytes,
+                 "mode": spec.clone.value},
+            ),
+            PlannedStep(
+                "seed.write",
+                {"path": m.seed_path, "identity": args["identity"], "ssh_keys": args["ssh_keys"]},
+            ),
+            PlannedStep("domain.define", {"name": m.name, "uuid": m.identity.uuid}),
+        ]
+        if spec.start:
+            plan.append(PlannedStep("domain.start", {"name": m.name}))
+        plan.append(PlannedStep("machine.ready", {"name": m.name}))
+        run_job(ctx, PROVISION, m.name, plan)
+        return ctx.store.get_machine(m.name)
+
+    created: list[Machine] = []
+    failed: dict[str, CorralError] = {}
+    # Starting QEMU is the slow part of a step (~100 ms); a few at once keep both
+    # cores busy without making libvirtd queue.
+    with ThreadPoolExecutor(max_workers=min(count, 4)) as pool:
+        futures = {m.name: pool.submit(provision, m) for m in machines}
+        for name, future in futures.items():
+            try:
+                created.append(future.result())
+            except CorralError as exc:
+                failed[name] = exc
+    return BatchResult(created=created, failed=failed)
+
+
+def _check_resources(
+    ctx: Context, spec: MachineSpec, disk: int, image_size: int, memory: int, cpus: int
+) -> None:
+    """Cheap checks against the host, before anything is made (two-phase validation)."""
+    if spec.cpus < 1:
+        raise InvalidInput("--cpus must be at least 1.")
+    if spec.cpus > cpus:
+        raise InsufficientResources(
+            f"{spec.cpus} vCPUs is more than this host has ({cpus})."
+        )
+    if spec.memory_bytes < MIN_MEMORY:
+        raise InvalidInput(f"--memory must be at least {format_size(MIN_MEMORY)}.")
+    if spec.memory_bytes > memory:
+        raise InsufficientResources(
+            f"{format_size(spec.memory_bytes)} of memory is more than this host has "
+            f"({format_size(memory)})."
+        )
+    if disk < image_size:
+        raise InvalidInput(
+            f"--disk-size {format_size(disk)} is smaller than the image "
+            f"({format_size(image_size)}); disks can grow, not shrink."
+        )
+    stat = os.statvfs(ctx.settings.pool_dir)
+    capacity = stat.f_blocks * stat.f_frsize
+    if disk > capacity:
+        raise InsufficientResources(
+            f"A {format_size(disk)} disk is larger than this host's storage pool "
+            f"({format_size(capacity)})."
+        )
+
+
+def wait_ready(
+    ctx: Context,
+    names: list[str],
+    timeout: float,
+    on_update: Callable[[str, str], None] = lambda name, status: None,
+) -> dict[str, ReadyReport]:
+    """Wait until each guest prints its readiness line; fail fast if one powers off.
+
+    ``on_update(name, status)`` is called when a machine's status changes.
+    """
+    deadline = time.monotonic() + timeout
+    ready: dict[str, ReadyReport] = {}
+    while len(ready) < len(names):
+        for name in names:
+            if name in ready:
+                continue
+            report = read_ready(console_log(ctx, name))
+            if report is not None:
+                ready[name] = report
+                on_update(name, "ready")
+                continue
+            state = ctx.driver.state(name)
+            if state in (PowerState.SHUT_OFF, PowerState.CRASHED):
+                raise GuestTimeout(
+                    f"Machine '{name}' stopped ({state}) before it said it was ready.",
+                    hint=f"See its console log: {console_log(ctx, name)}",
+                )
+        if len(ready) == len(names):
+            break
+        if time.monotonic() > deadline:
+            late = [n for n in names if n not in ready]
+            raise GuestTimeout(
+                f"{_quote(late)} did not report ready within {timeout:.0f} s.",
+                hint="'corral vm console NAME' shows what the guest is doing.",
+            )
+        time.sleep(0.1)
+    return ready
+
+
+def _quote(names: list[str]) -> str:
+    return ", ".join(f"'{n}'" for n in names)

@@ -1,0 +1,236 @@
+"""The one place Corral runs ``qemu-img``.
+
+Every call names the format with ``-f`` (qemu never guesses a format from the bytes of a
+possibly hostile file), passes absolute paths (so no name is read as a protocol such as
+``json:`` or an option), runs without a shell, and runs under CPU-time and address-space
+limits so a crafted image cannot make qemu-img spin or swallow memory.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import resource
+import signal
+import subprocess
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from corral.errors import Conflict, CorruptImage, InvalidInput, NoSpace, NotFound, StorageError
+from corral.model.states import ImageFormat
+
+_QEMU_IMG = "qemu-img"
+_PROGRESS = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")
+_ENOSPC = "No space left on device"
+_CHECK_UNSUPPORTED = 63  # qemu-img check's exit status for formats without checks
+
+
+@dataclass(frozen=True)
+class QemuImgLimits:
+    """Resource limits for each qemu-img process (from Settings.qemu_img_*)."""
+
+    cpu_seconds: int
+    address_space: int
+    """Bytes of virtual memory."""
+
+    def apply(self) -> None:
+        """Set the limits on the current process; runs in the child before exec."""
+        resource.setrlimit(resource.RLIMIT_CPU, (self.cpu_seconds, self.cpu_seconds))
+        resource.setrlimit(resource.RLIMIT_AS, (self.address_space, self.address_space))
+
+
+@dataclass(frozen=True)
+class QemuImgInfo:
+    """The parts of ``qemu-img info --output=json`` Corral uses."""
+
+    virtual_size: int
+    actual_size: int | None
+    format: str
+    backing_filename: str | None
+    format_specific: Mapping[str, Any]
+    """qemu's "format-specific" object: {"type": ..., "data": {...}}; empty if absent."""
+
+
+def info(path: Path, fmt: ImageFormat | str, limits: QemuImgLimits) -> QemuImgInfo:
+    """Describe the image at ``path`` read as ``fmt``, without opening its backing chain.
+
+    Raises NotFound if it does not exist and CorruptImage if qemu-img cannot read it.
+    """
+    fmt = _format(fmt)
+    proc = _run(["info", "-f", fmt, "--output=json", "-U", _arg(path)], limits)
+    if proc.returncode != 0:
+        if "No such file or directory" in proc.stderr:
+            raise NotFound("image file", str(path))
+        raise CorruptImage(_failure(proc, f"read the {fmt} image '{path}'", limits))
+    try:
+        data = json.loads(proc.stdout)
+        return QemuImgInfo(
+            virtual_size=int(data["virtual-size"]),
+            actual_size=int(data["actual-size"]) if "actual-size" in data else None,
+            format=str(data["format"]),
+            backing_filename=data.get("backing-filename"),
+            format_specific=data.get("format-specific", {}),
+        )
+    except (ValueError, KeyError, TypeError) as exc:
+        raise StorageError(f"qemu-img info printed unexpected output for '{path}'.") from exc
+
+
+def check(path: Path, fmt: ImageFormat | str, limits: QemuImgLimits) -> None:
+    """Check the image's metadata; return if it is consistent or ``fmt`` has no checks.
+
+    Raises CorruptImage for corruption or leaked clusters (both mean the image was not
+    closed cleanly or was tampered with) and when the check itself cannot complete.
+    """
+    fmt = _format(fmt)
+    proc = _run(["check", "-f", fmt, "--output=json", "-U", _arg(path)], limits)
+    if proc.returncode in (0, _CHECK_UNSUPPORTED):
+        return
+    try:
+        report = json.loads(proc.stdout)
+    except ValueError:
+        report = {}
+    problems = [
+        f"{report[key]} {label}"
+        for key, label in (
+            ("corruptions", "corruptions"),
+            ("leaks", "leaked clusters"),
+            ("check-errors", "check errors"),
+        )
+        if isinstance(report, dict) and report.get(key)
+    ]
+    if proc.returncode > 0 and problems:
+        raise CorruptImage(
+            f"The {fmt} image '{path.name}' is damaged: qemu-img check found "
+            f"{' and '.join(problems)}.",
+            hint="Repair or re-export it, then import it again.",
+        )
+    raise CorruptImage(_failure(proc, f"check the {fmt} image '{path}'", limits))
+
+
+def convert(
+    src: Path,
+    src_fmt: ImageFormat | str,
+    dst: Path,
+    dst_fmt: ImageFormat | str,
+    limits: QemuImgLimits,
+    progress: Callable[[float], None] | None = None,
+) -> None:
+    """Copy ``src`` into a new image ``dst``; ``progress`` gets the percentage done (0-100).
+
+    Pre: ``dst`` does not exist (else Conflict). On any failure ``dst`` does not exist;
+    a full filesystem raises NoSpace, other failures StorageError.
+    """
+    src_fmt, dst_fmt = _format(src_fmt), _format(dst_fmt)
+    try:
+        # Claim the name first, so cleaning up after a failure never removes another's file.
+        os.close(os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644))
+    except FileExistsError:
+        raise Conflict(f"Cannot convert into '{dst}': the file already exists.") from None
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise NoSpace(f"The filesystem holding '{dst}' is full; free space and retry.") from exc
+        raise StorageError(f"Cannot create '{dst}': {exc.strerror}.") from exc
+    args = ["convert", "-p", "-f", src_fmt, "-O", dst_fmt, _arg(src), _arg(dst)]
+    try:
+        with tempfile.TemporaryFile() as stderr:
+            proc = _popen(args, limits, stderr)
+            assert proc.stdout is not None
+            with proc:
+                try:
+                    _follow_progress(proc.stdout.fileno(), progress)
+                finally:
+                    if proc.poll() is None:  # the callback raised: do not leave qemu-img behind
+                        proc.kill()
+                    proc.wait()
+            stderr.seek(0)
+            message = stderr.read().decode(errors="replace")
+        if proc.returncode != 0:
+            if _ENOSPC in message:
+                raise NoSpace(f"The filesystem holding '{dst}' is full; free space and retry.")
+            failed = subprocess.CompletedProcess(args, proc.returncode, "", message)
+            raise StorageError(_failure(failed, f"convert '{src}' to {dst_fmt}", limits))
+    except BaseException:
+        dst.unlink(missing_ok=True)
+        raise
+
+
+def resize(path: Path, fmt: ImageFormat | str, size: int, limits: QemuImgLimits) -> None:
+    """Grow the image at ``path`` to ``size`` bytes; a full filesystem raises NoSpace."""
+    fmt = _format(fmt)
+    proc = _run(["resize", "-f", fmt, _arg(path), str(size)], limits)
+    if proc.returncode != 0:
+        if _ENOSPC in proc.stderr:
+            raise NoSpace(f"The filesystem holding '{path}' is full; free space and retry.")
+        raise StorageError(_failure(proc, f"resize '{path}' to {size} bytes", limits))
+
+
+def _format(fmt: ImageFormat | str) -> ImageFormat:
+    try:
+        return ImageFormat(fmt)
+    except ValueError:
+        raise InvalidInput(f"'{fmt}' is not a disk image format Corral knows.") from None
+
+
+def _arg(path: Path) -> str:
+    # Absolute: "json:{...}" or "nbd:..." would otherwise be a protocol, "-x" an option.
+    return str(Path(path).absolute())
+
+
+def _popen(args: list[str], limits: QemuImgLimits, stderr: Any) -> subprocess.Popen[bytes]:
+    try:
+        # preexec_fn runs only setrlimit (no allocation-heavy work) between fork and exec.
+        return subprocess.Popen(
+            [_QEMU_IMG, *args],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            env={**os.environ, "LC_ALL": "C"},  # English messages: ENOSPC is found by its text
+            preexec_fn=limits.apply,
+        )
+    except FileNotFoundError as exc:
+        raise StorageError("qemu-img is not installed; install the qemu-utils package.") from exc
+    except OSError as exc:
+        raise StorageError(f"Could not start qemu-img: {exc.strerror}.") from exc
+
+
+def _run(args: list[str], limits: QemuImgLimits) -> subprocess.CompletedProcess[str]:
+    with _popen(args, limits, subprocess.PIPE) as proc:
+        out, err = proc.communicate()
+    return subprocess.CompletedProcess(
+        args, proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")
+    )
+
+
+def _follow_progress(fd: int, progress: Callable[[float], None] | None) -> None:
+    """Read qemu-img's "    (NN.NN/100%)\\r" updates as they come, until it closes stdout."""
+    pending = b""
+    while chunk := os.read(fd, 4096):
+        pending += chunk
+        *done, pending = re.split(rb"[\r\n]", pending)
+        for line in done:
+            match = _PROGRESS.search(line)
+            if match and progress is not None:
+                progress(float(match.group(1)))
+
+
+def _failure(proc: subprocess.CompletedProcess[str], action: str, limits: QemuImgLimits) -> str:
+    """One sentence: what qemu-img could not do and why (its last stderr line)."""
+    if proc.returncode < 0:
+        name = signal.Signals(-proc.returncode).name
+        return (
+            f"qemu-img could not {action}: it was killed by {name}, likely for exceeding its "
+            f"limits of {limits.cpu_seconds} s CPU time and {limits.address_space >> 20} MiB "
+            "of memory."
+        )
+    lines = [line.strip() for line in proc.stderr.splitlines() if line.strip()]
+    reason = (
+        lines[-1].removeprefix("qemu-img: ").rstrip(".")
+        if lines
+        else (f"exit status {proc.returncode}")
+    )
+    return f"qemu-img could not {action}: {reason}."
