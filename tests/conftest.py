@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -12,6 +13,19 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from corral.images.appliance import ApplianceArtifacts, build_appliance
+
+CACHE = Path(__file__).resolve().parents[1] / "build" / "cache"
+
+
+@pytest.fixture(scope="session")
+def appliance() -> Iterator[ApplianceArtifacts]:
+    out = Path("/var/tmp") / f"corral-appliance-{secrets.token_hex(3)}"
+    try:
+        yield build_appliance(out, CACHE)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
 
 
 def _free_port() -> int:

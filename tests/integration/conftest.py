@@ -22,21 +22,12 @@ import libvirt
 import pytest
 
 from corral.config import Settings
-from corral.images.appliance import ApplianceArtifacts, build_appliance
+from corral.images.appliance import ApplianceArtifacts
 from corral.ops.context import Context
 
 REPO = Path(__file__).resolve().parents[2]
 CORRAL = str(Path(sys.executable).parent / "corral")
 CACHE = REPO / "build" / "cache"
-
-
-@pytest.fixture(scope="session")
-def appliance() -> Iterator[ApplianceArtifacts]:
-    out = Path("/var/tmp") / f"corral-appliance-{secrets.token_hex(3)}"
-    try:
-        yield build_appliance(out, CACHE)
-    finally:
-        shutil.rmtree(out, ignore_errors=True)
 
 
 @dataclass
