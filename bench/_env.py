@@ -11,13 +11,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import libvirt
-
 from corral.config import Settings
 from corral.images.appliance import build_appliance
 from corral.model import ImageFormat
 from corral.ops.context import Context
 from corral.ops.images import import_image
+from tests.libvirt_cleanup import remove_prefixed
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / "build" / "cache"
@@ -41,26 +40,8 @@ def bench_context(*, appliance: bool = True) -> Iterator[Context]:
         yield ctx
     finally:
         ctx.close()
-        cleanup(prefix)
+        remove_prefixed(settings.host_uri, prefix)
         shutil.rmtree(root, ignore_errors=True)
-
-
-def cleanup(prefix: str) -> None:
-    conn = libvirt.open("qemu:///system")
-    try:
-        for dom in conn.listAllDomains():
-            if dom.name().startswith(prefix):
-                if dom.isActive():
-                    dom.destroy()
-                if dom.isPersistent():
-                    dom.undefine()
-        for obj in [*conn.listAllNetworks(), *conn.listAllStoragePools()]:
-            if obj.name().startswith(prefix):
-                if obj.isActive():
-                    obj.destroy()
-                obj.undefine()
-    finally:
-        conn.close()
 
 
 def timed(fn: Callable[[], object]) -> float:

@@ -44,6 +44,7 @@ from corral.identity import new_identity
 from corral.identity.mac import random_mac
 from corral.images.appliance import ApplianceArtifacts
 from corral.model import Accelerator, DomainPlan, KernelBoot, PowerState
+from tests.libvirt_cleanup import remove_prefixed
 from tests.unit.formats.test_domain_xml import PLANS as GOLDEN_PLANS
 
 TEST_URI = "test:///default"
@@ -112,20 +113,6 @@ class Env:
         return int(self.raw.lookupByName(name).state()[0])
 
 
-def _cleanup(raw: Any, prefix: str) -> None:
-    """Remove everything named ``prefix…``; keep going past failures."""
-    for dom in raw.listAllDomains(0):
-        if dom.name().startswith(prefix):
-            for action in (dom.destroy, dom.undefine):
-                with contextlib.suppress(libvirt.libvirtError):
-                    action()
-    for obj in [*raw.listAllNetworks(0), *raw.listAllStoragePools(0)]:
-        if obj.name().startswith(prefix):
-            for action in (obj.destroy, obj.undefine):
-                with contextlib.suppress(libvirt.libvirtError):
-                    action()
-
-
 @pytest.fixture(
     params=[
         TEST_URI,
@@ -154,7 +141,7 @@ def env(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Env]:
         yield Env(uri, driver, raw, prefix, files)
     finally:
         driver.close()
-        _cleanup(raw, prefix)
+        remove_prefixed(uri, prefix)
         raw.close()
         if uri == QEMU_URI:
             shutil.rmtree(files, ignore_errors=True)

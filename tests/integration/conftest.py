@@ -24,6 +24,7 @@ import pytest
 from corral.config import Settings
 from corral.images.appliance import ApplianceArtifacts
 from corral.ops.context import Context
+from tests.libvirt_cleanup import remove_prefixed
 
 REPO = Path(__file__).resolve().parents[2]
 CORRAL = str(Path(sys.executable).parent / "corral")
@@ -84,29 +85,6 @@ class CorralEnv:
         return json.loads(self.run(*args, "-o", "json").stdout)
 
 
-def _cleanup_libvirt(prefix: str) -> None:
-    conn = libvirt.open("qemu:///system")
-    try:
-        for dom in conn.listAllDomains():
-            if dom.name().startswith(prefix):
-                if dom.isActive():
-                    dom.destroy()
-                if dom.isPersistent():
-                    dom.undefine()
-        for net in conn.listAllNetworks():
-            if net.name().startswith(prefix):
-                if net.isActive():
-                    net.destroy()
-                net.undefine()
-        for pool in conn.listAllStoragePools():
-            if pool.name().startswith(prefix):
-                if pool.isActive():
-                    pool.destroy()
-                pool.undefine()
-    finally:
-        conn.close()
-
-
 @pytest.fixture
 def corral_env() -> Iterator[CorralEnv]:
     prefix = f"ct{secrets.token_hex(3)}"
@@ -118,7 +96,7 @@ def corral_env() -> Iterator[CorralEnv]:
     try:
         yield env
     finally:
-        _cleanup_libvirt(prefix)
+        remove_prefixed("qemu:///system", prefix)
         shutil.rmtree(root, ignore_errors=True)
 
 

@@ -8,11 +8,11 @@ from pathlib import Path
 
 from corral.errors import Conflict, CorralError, HypervisorError, NotFound
 from corral.identity import allocate_macs, check_name, new_identity
-from corral.model import CloneMode, DiskUsage, Machine, PowerState, RecordState
+from corral.model import CloneMode, DiskUsage, Machine, PowerState
 from corral.ops import steps as _steps  # noqa: F401  (registers the step kinds)
 from corral.ops.context import Context
 from corral.ops.jobs import PlannedStep, Recovery, job_kind, run_job
-from corral.ops.machines import console_log, machine_args, volume_names
+from corral.ops.machines import console_log, machine_args, new_machine
 
 DELETE = job_kind("delete", Recovery.ROLL_FORWARD)
 CLONE = job_kind("clone", Recovery.ROLL_BACK)
@@ -116,24 +116,18 @@ def clone(ctx: Context, source: str, new: str, mode: CloneMode = CloneMode.LINKE
     if not src.managed or src.image is None:
         raise HypervisorError(f"Machine '{source}' was adopted; Corral cannot clone it yet.")
     (mac,) = allocate_macs(1, lambda c: ctx.store.taken(macs=c))
-    identity = new_identity(new, mac)
-    disk_name, seed_name = volume_names(new, identity.uuid)
-    machine = Machine(
-        name=new,
-        identity=identity,
+    machine = new_machine(
+        ctx,
+        new_identity(new, mac),
         host=src.host,
         image=src.image,
         cpus=src.cpus,
         memory_bytes=src.memory_bytes,
         # A linked copy of a full clone stands alone all the same: it has no base.
         clone=mode if src.clone is CloneMode.LINKED else CloneMode.FULL,
-        disk_path=str(ctx.storage.volume_path(disk_name)),
-        seed_path=str(ctx.settings.pool_dir / f"{seed_name}.iso"),
-        record_state=RecordState.PROVISIONING,
-        managed=True,
-        created_at=src.created_at,
         ssh_keys=src.ssh_keys,
     )
+    identity = machine.identity
     size = ctx.storage.usage(Path(src.disk_path)).virtual_size
     args = machine_args(machine)
     run_job(

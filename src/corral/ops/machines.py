@@ -74,7 +74,34 @@ def console_log(ctx: Context, name: str) -> Path:
     return ctx.settings.console_dir / f"{name}.log"
 
 
-def volume_names(name: str, uuid: str) -> tuple[str, str]:
-    """Disk and seed volume names: the UUID keeps a recreated namesake's files apart."""
-    stem = f"{name}-{uuid[:8]}"
-    return stem, f"{stem}-seed"
+def new_machine(
+    ctx: Context,
+    identity: Identity,
+    *,
+    host: str,
+    image: str,
+    cpus: int,
+    memory_bytes: int,
+    clone: CloneMode,
+    ssh_keys: tuple[str, ...],
+) -> Machine:
+    """The record of a machine about to be provisioned, with its files' paths decided.
+
+    The UUID is part of each file name, so a recreated namesake's files stay apart.
+    """
+    stem = f"{identity.hostname}-{identity.uuid[:8]}"
+    return Machine(
+        name=identity.hostname,
+        identity=identity,
+        host=host,
+        image=image,
+        cpus=cpus,
+        memory_bytes=memory_bytes,
+        clone=clone,
+        disk_path=str(ctx.storage.volume_path(stem)),
+        seed_path=str(ctx.settings.pool_dir / f"{stem}-seed.iso"),
+        record_state=RecordState.PROVISIONING,
+        managed=True,
+        created_at=utcnow(),
+        ssh_keys=ssh_keys,
+    )

@@ -16,15 +16,14 @@ from corral.errors import (
     InvalidInput,
 )
 from corral.identity import allocate_macs, batch_names, new_identity
-from corral.model import Machine, MachineSpec, PowerState, RecordState
+from corral.model import Machine, MachineSpec, PowerState
 from corral.model.units import format_size
 from corral.ops import steps as _steps  # noqa: F401  (registers the step kinds)
 from corral.ops.console import ReadyReport, read_ready
 from corral.ops.context import Context
 from corral.ops.hosts import local_host
 from corral.ops.jobs import PlannedStep, Recovery, job_kind, run_job
-from corral.ops.machines import console_log, machine_args, volume_names
-from corral.store.repository import utcnow
+from corral.ops.machines import console_log, machine_args, new_machine
 
 PROVISION = job_kind("provision", Recovery.ROLL_BACK)
 MIN_MEMORY = 64 << 20
@@ -56,27 +55,19 @@ def create_machines(ctx: Context, spec: MachineSpec, count: int = 1) -> BatchRes
         )
 
     macs = allocate_macs(count, lambda candidates: ctx.store.taken(macs=candidates))
-    machines = []
-    for name, mac in zip(names, macs, strict=True):
-        identity = new_identity(name, mac)
-        disk_name, seed_name = volume_names(name, identity.uuid)
-        machines.append(
-            Machine(
-                name=name,
-                identity=identity,
-                host=host.name,
-                image=image.name,
-                cpus=spec.cpus,
-                memory_bytes=spec.memory_bytes,
-                clone=spec.clone,
-                disk_path=str(ctx.storage.volume_path(disk_name)),
-                seed_path=str(ctx.settings.pool_dir / f"{seed_name}.iso"),
-                record_state=RecordState.PROVISIONING,
-                managed=True,
-                created_at=utcnow(),
-                ssh_keys=spec.ssh_keys,
-            )
+    machines = [
+        new_machine(
+            ctx,
+            new_identity(name, mac),
+            host=host.name,
+            image=image.name,
+            cpus=spec.cpus,
+            memory_bytes=spec.memory_bytes,
+            clone=spec.clone,
+            ssh_keys=spec.ssh_keys,
         )
+        for name, mac in zip(names, macs, strict=True)
+    ]
 
     def provision(m: Machine) -> Machine:
         args = machine_args(m)
