@@ -104,12 +104,15 @@ def run_job(ctx: Context, kind: JobKind, target: str, steps: Sequence[PlannedSte
             kind.name, target, owner, [Step(s.name, StepState.PENDING, s.args) for s in steps]
         )
         try:
+            done: int | None = None
             for position, planned in enumerate(steps):
                 _failpoint(ctx, planned.name, "before")
-                ctx.store.set_step_state(job.id, position, StepState.STARTED)
+                # The previous step's "done" and this one's "started" share a commit.
+                ctx.store.advance_job(job.id, done=done, started=position)
                 _STEPS[planned.name].run(ctx, planned.args)
                 _failpoint(ctx, planned.name, "after")
-                ctx.store.set_step_state(job.id, position, StepState.DONE)
+                done = position
+            ctx.store.advance_job(job.id, done=done, started=None)
         except BaseException as exc:
             if kind.recovery is Recovery.ROLL_BACK:
                 _roll_back(ctx, ctx.store.get_job(job.id))

@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from typing import Any
 
 from sqlalchemy import Engine, delete, select, update
 from sqlalchemy.exc import IntegrityError
@@ -216,13 +215,16 @@ class Store:
                 .values(state=state.value)
             )
 
-    def set_step_args(self, job_id: int, position: int, args: dict[str, Any]) -> None:
+    def advance_job(self, job_id: int, *, done: int | None, started: int | None) -> None:
+        """Mark one step done and the next started in one transaction (one fsync)."""
         with self._tx() as s:
-            s.execute(
-                update(StepRow)
-                .where(StepRow.job_id == job_id, StepRow.position == position)
-                .values(args=args)
-            )
+            for position, state in ((done, StepState.DONE), (started, StepState.STARTED)):
+                if position is not None:
+                    s.execute(
+                        update(StepRow)
+                        .where(StepRow.job_id == job_id, StepRow.position == position)
+                        .values(state=state.value)
+                    )
 
     def finish_job(self, job_id: int, state: JobState, error: str | None = None) -> None:
         with self._tx() as s:
