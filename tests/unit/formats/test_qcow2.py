@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import statistics
 import struct
 import subprocess
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -124,16 +122,6 @@ def test_refuses_impossible_arguments_without_leaving_a_file(
             virtual_size=virtual_size,
         )
     assert not path.exists()
-
-
-def test_a_one_tib_overlay_takes_well_under_a_millisecond(tmp_path: Path, base: Path) -> None:
-    durations = []
-    for i in range(15):
-        path = tmp_path / f"o{i}.qcow2"
-        start = time.perf_counter()
-        write_overlay(path, backing_file=str(base), backing_format="qcow2", virtual_size=1 << 40)
-        durations.append(time.perf_counter() - start)
-    assert statistics.median(durations) < 1e-3
 
 
 def test_reads_a_v2_header(tmp_path: Path) -> None:
