@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import pty
+import select
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
 from corral.ops.console import read_ready
 
-from .conftest import CorralEnv, libvirt_domain_names
+from .conftest import CORRAL, CorralEnv, libvirt_domain_names
 
 pytestmark = pytest.mark.guest
 
@@ -51,6 +56,51 @@ def test_three_linked_clones_boot_each_with_its_own_identity(with_appliance: Cor
     assert len({m["uuid"] for m in shown.values()}) == 3
     # every machine's disk is an overlay on the same base; the base is shared, not copied
     assert all(m["shared_bytes"] > 1 << 20 for m in shown.values())
+    # an operator on the serial console gets the guest's shell, and Ctrl-] detaches
+    screen, code = _console_session(env, names[1], b"echo MARK-$(hostname)\r")
+    assert f"MARK-{names[1]}" in screen and code == 0
+
+
+def _console_session(env: CorralEnv, name: str, typed: bytes) -> tuple[str, int]:
+    """Run `corral vm console NAME` on a pseudo-terminal, type, detach; (screen, exit)."""
+    pid, fd = pty.fork()
+    if pid == 0:  # the child becomes the corral process
+        os.environ.update(env.env)
+        os.execv(CORRAL, [CORRAL, "vm", "console", name])
+    screen = b""
+
+    def read_for(seconds: float) -> None:
+        nonlocal screen
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if select.select([fd], [], [], 0.1)[0]:
+                try:
+                    screen += os.read(fd, 4096)
+                except OSError:
+                    return
+
+    try:
+        read_for(2)
+        os.write(fd, b"\r" + typed)
+        read_for(3)
+        os.write(fd, b"\x1d")  # Ctrl-]
+        read_for(2)
+    finally:
+        status = _reap(pid, timeout=10)
+        os.close(fd)
+    return screen.decode(errors="replace"), status
+
+
+def _reap(pid: int, timeout: float) -> int:
+    """The child's exit code; a child that did not detach in time is killed (-9)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.1)
+    os.kill(pid, signal.SIGKILL)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
 
 
 def test_a_fresh_linked_clone_owns_at_most_256_kib(with_appliance: CorralEnv) -> None:

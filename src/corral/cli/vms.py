@@ -200,7 +200,7 @@ def console(name: str) -> None:
     """Attach to the serial console (Ctrl-] detaches)."""
     with context() as ctx:
         ctx.store.get_machine(name)
-        err.print(f"Connected to {name}; Ctrl-] detaches.")
+        err.print(f"Connected to {name}; Ctrl-] detaches.", highlight=False)
         ctx.driver.attach_console(name, os.dup(0), os.dup(1))
 
 
