@@ -7,6 +7,7 @@ next ``corral`` command finishes or rolls back what was interrupted.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from functools import cached_property
 from types import TracebackType
 
@@ -30,6 +31,8 @@ class Context:
             path.chmod(0o755)
         self.store = Store(settings.db_url)
         self.recovered: list[Job] = []
+        self.on_progress: Callable[[float], None] | None = None
+        """Where long steps (copies, conversions) report percent done, if anyone listens."""
         if recover:
             self.recover()
 

@@ -32,7 +32,7 @@ def _delete_files(_ctx: Context, a: dict[str, Any]) -> None:
 def _convert(ctx: Context, a: dict[str, Any]) -> None:
     dest = Path(a["paths"][0])
     dest.unlink(missing_ok=True)
-    qemu_img.convert(Path(a["source"]), a["format"], dest, "qcow2", ctx.limits, _progress_hook)
+    qemu_img.convert(Path(a["source"]), a["format"], dest, "qcow2", ctx.limits, ctx.on_progress)
     qemu_img.check(dest, "qcow2", ctx.limits)
     # Bases are read-only: a machine writing through to its base would corrupt siblings.
     dest.chmod(0o444)
@@ -60,11 +60,6 @@ def _record(ctx: Context, a: dict[str, Any]) -> None:
         )
 
 
-# A job's steps are registered functions with JSON arguments, so a progress callback
-# cannot travel in them; the one import running in this process sets it here.
-_progress_hook: Progress | None = None
-
-
 def import_image(
     ctx: Context,
     source: Path,
@@ -78,7 +73,6 @@ def import_image(
 ) -> Image:
     """Inspect ``source`` (hostile until proven otherwise), convert it to a read-only
     qcow2 base in the library and record it. A failure leaves no file and no record."""
-    global _progress_hook
     name = check_name(name or _default_name(source), what="image name")
     if not source.is_file():
         raise NotFound("file", str(source))
@@ -111,7 +105,7 @@ def import_image(
         "extra_sources": extra,
         "kernel_boot": kernel_boot,
     }
-    _progress_hook = progress
+    ctx.on_progress = progress
     try:
         run_job(
             ctx,
@@ -120,7 +114,7 @@ def import_image(
             [PlannedStep("image.convert", args), PlannedStep("image.record", args)],
         )
     finally:
-        _progress_hook = None
+        ctx.on_progress = None
     return ctx.store.get_image(name)
 
 

@@ -6,11 +6,9 @@ needs (paths, UUIDs) is in them, so a different process can undo a dead one's wo
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 from typing import Any
 
-from corral.errors import NoSpace, StorageError
 from corral.identity.seed import seed_content, write_seed
 from corral.model import CloneMode, Identity, RecordState
 from corral.ops.context import Context
@@ -62,7 +60,7 @@ def _clone_image(ctx: Context, a: dict[str, Any]) -> None:
     if CloneMode(a["mode"]) is CloneMode.LINKED:
         ctx.storage.linked_clone(base, dest, a["size"])
     else:
-        ctx.storage.full_clone(base, dest, a["size"])
+        ctx.storage.full_clone(base, dest, a["size"], ctx.on_progress)
 
 
 @step("disk.copy", undo=_delete_disk)
@@ -71,21 +69,11 @@ def _copy_disk(ctx: Context, a: dict[str, Any]) -> None:
     src, dest = Path(a["source"]), Path(a["path"])
     ctx.storage.delete(dest)
     if CloneMode(a["mode"]) is CloneMode.FULL:
-        ctx.storage.full_clone(src, dest, a["size"])
+        ctx.storage.full_clone(src, dest, a["size"], ctx.on_progress)
         return
     # The copy keeps its explicit backing reference to the same read-only base, so
     # only the bytes the source machine owns are copied.
-    result = subprocess.run(
-        ["cp", "--sparse=always", "--reflink=auto", "--", str(src), str(dest)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if result.returncode != 0:
-        dest.unlink(missing_ok=True)
-        if "No space left" in result.stderr:
-            raise NoSpace(f"The pool is full while copying {src.name}; free space and retry.")
-        raise StorageError(f"Could not copy {src.name}: {result.stderr.strip()}.")
+    ctx.storage.copy(src, dest)
 
 
 @step("disk.delete", undo=nothing)

@@ -49,6 +49,13 @@ class StorageBackend(abc.ABC):
         """
 
     @abc.abstractmethod
+    def copy(self, source: Path, dest: Path) -> None:
+        """Copy a volume as it is: its own bytes, its references to bases kept.
+
+        Pre: ``dest`` does not exist. On failure ``dest`` does not exist.
+        """
+
+    @abc.abstractmethod
     def delete(self, path: Path) -> None:
         """Remove a volume. Idempotent: a missing volume is not an error."""
 
