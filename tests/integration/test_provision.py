@@ -35,6 +35,8 @@ def test_three_linked_clones_boot_each_with_its_own_identity(with_appliance: Cor
         "appliance",
         "--count",
         "3",
+        "--cpus",
+        "2",
         "--ssh-key",
         str(key),
         "--wait",
@@ -57,8 +59,8 @@ def test_three_linked_clones_boot_each_with_its_own_identity(with_appliance: Cor
     # every machine's disk is an overlay on the same base; the base is shared, not copied
     assert all(m["shared_bytes"] > 1 << 20 for m in shown.values())
     # an operator on the serial console gets the guest's shell, and Ctrl-] detaches
-    screen, code = _console_session(env, names[1], b"echo MARK-$(hostname)\r")
-    assert f"MARK-{names[1]}" in screen and code == 0
+    screen, code = _console_session(env, names[1], b"echo MARK-$(hostname)-$(nproc)\r")
+    assert f"MARK-{names[1]}-2" in screen and code == 0  # and the guest sees its 2 vCPUs
 
 
 def _console_session(env: CorralEnv, name: str, typed: bytes) -> tuple[str, int]:

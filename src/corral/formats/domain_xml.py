@@ -164,7 +164,13 @@ def _disk(
 
 
 def _interface(network: str, mac: str | None) -> ET.Element:
-    children = [_leaf("source", network=network), _leaf("model", type="virtio")]
+    # No option ROM: iPXE would spend ~0.1 s of emulated CPU per boot, and Corral's
+    # machines never boot from the network.
+    children = [
+        _leaf("source", network=network),
+        _leaf("model", type="virtio"),
+        _leaf("rom", enabled="no"),
+    ]
     if mac is not None:
         children.insert(0, _leaf("mac", address=mac))
     return _with(ET.Element("interface", type="network"), children)

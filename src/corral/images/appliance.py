@@ -2,26 +2,35 @@
 
 Everything comes from Debian's packages, downloaded once with apt into a cache
 directory: ``linux-image-<ver>-cloud-amd64`` (what the ``linux-image-cloud-amd64``
-metapackage points at) and ``busybox-static``. The build needs no root tricks and no
-mounts: the initramfs is a cpio archive written here, the root filesystem an ext4
-image made by ``mkfs.ext4 -d`` from a directory tree, then converted to qcow2.
+metapackage points at) and ``busybox-static``. The build needs no root and no mounts:
+the initramfs is a cpio archive written here, the root filesystem an ext4 image made
+by ``mkfs.ext4 -d`` from a directory tree, then converted to qcow2.
 
-Boot path (direct kernel boot, ``console=ttyS0``):
+Boot (direct kernel boot, ``console=ttyS0``; the scripts are ``appliance_files/``):
 
-1. the initramfs's ``/init`` (``appliance_files/initramfs-init``) loads the virtio
-   drivers for the root disk, mounts ``/dev/vda`` and ``switch_root``\\ s to it; with
-   ``corral.probe`` on the command line it prints ``CORRAL-PROBE-OK`` and powers off;
-2. the disk's ``/sbin/init`` (``appliance_files/init``) applies the NoCloud seed
-   (``/dev/vdb``, label ``cidata``), prints ``CORRAL-READY hostname=... instance-id=...
-   mac=...`` and becomes busybox init with a root shell on ttyS0.
+1. The initramfs's ``/init`` loads the drivers (virtio disk and NIC, the seed ISO's
+   filesystem, the power button), mounts ``/dev/vda`` and switches root to it.
+   With ``corral.probe`` on the command line it prints ``CORRAL-PROBE-OK`` and powers
+   off instead, before touching any disk.
+2. The disk's ``/sbin/init`` applies the NoCloud seed (the ISO labelled ``cidata``,
+   else ``/dev/vdb``): hostname, ``/root/.ssh/authorized_keys``,
+   ``/var/lib/corral/instance-id``; brings up ``lo`` and the NIC; prints
+   ``CORRAL-READY hostname=... instance-id=... mac=...``; then becomes busybox init
+   with a root shell on ttyS0. The ACPI power button powers it off at once.
+
+Under TCG on a 2-core host a boot reaches the readiness line in about 1.3 s (1.3 s of
+QEMU CPU), against 2.9 s for the same kernel booted plainly. What buys it, each
+measured: the kernel flags in CMDLINE, the kernel shipped uncompressed (PVH entry),
+modules stripped of signatures and BTF and loaded from the initramfs, few processes in
+the init scripts, and one busybox shared by both stages.
 """
 
 from __future__ import annotations
 
 import fcntl
-import gzip
 import hashlib
 import json
+import lzma
 import os
 import re
 import secrets
@@ -30,6 +39,7 @@ import stat
 import struct
 import subprocess
 import tempfile
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -41,6 +51,28 @@ from corral.errors import CorralError
 KERNEL_METAPACKAGE = "linux-image-cloud-amd64"
 BUSYBOX_PACKAGE = "busybox-static"
 
+# The kernel command line. Every flag past "panic" skips work that this tiny guest does
+# not need; each was measured under TCG on a 2-core host (times are per boot).
+_INITCALL_BLACKLIST = (
+    "init_kprobe_trace",  # 130 ms: kprobe event self-tests
+    "crypto_kdf108_init",  # 50 ms: KDF self-test
+    # The first of these makes the kernel parse its whole BTF (35 ms); all of them only
+    # serve BPF programs, which the appliance never loads. TCP falls back to reno.
+    "cubictcp_register",
+    "bpf_rstat_kfunc_init",
+    "bpf_key_sig_kfuncs_init",
+    "bpf_tcp_ca_kfunc_init",
+    "kfunc_init",
+    "bpf_prog_test_run_init",
+    "load_system_certificate_list",  # X.509 parsing: modules load unverified (taint)
+    "init_acpi_pm_clocksource",  # the TSC is the clocksource (tsc=reliable)
+    "proc_kcore_init",
+    "snapshot_device_init",  # hibernation
+    "slab_sysfs_init",
+    "init_trace_printk_function_export",
+    "acpi_processor_driver_init",  # C-states and throttling of emulated CPUs
+    "kcompactd_init",
+)
 CMDLINE = " ".join(
     (
         "console=ttyS0",
@@ -50,19 +82,27 @@ CMDLINE = " ".join(
         "loglevel=3",
         "printk.time=0",  # console lines start with our markers, not a timestamp
         "panic=-1",
+        # One user (root) and no secrets inside the guest: nothing for speculation
+        # barriers to protect, and indirect calls without retpolines are cheaper.
+        "mitigations=off",
+        "cryptomgr.notests",  # 240 ms of crypto self-tests
+        "init_on_alloc=0",  # Debian zeroes every page it allocates; TCG pays dearly
+        "tsc=reliable",  # no clocksource watchdog
+        "no_timer_check",
+        "nolapic_timer",  # 110 ms of local APIC timer calibration
+        "8250.nr_uarts=1",
+        "ipv6.disable=1",  # the appliance has no addresses; no DAD, no router solicits
+        "initcall_blacklist=" + ",".join(_INITCALL_BLACKLIST),
     )
 )
 
-# Loaded by the initramfs (the root disk) and by the disk's init (the rest); each list
-# is expanded with its dependencies, in load order, at build time.
-INITRAMFS_MODULES = ("virtio_pci", "virtio_blk")
-DISK_MODULES = ("virtio_net", "isofs", "button", "evdev")
+MODULES = ("virtio_pci", "virtio_blk", "virtio_net", "isofs", "button", "evdev")
+"""Loaded by the initramfs, with their dependencies: the disk, the NIC, the seed ISO and
+the power button. The disk has them too, for its init to load whatever is missing."""
 
 DISK_SIZE = 64 << 20
 """Virtual size of the root disk; the files take about 3 MiB of it."""
 
-# Bump when the layout of the artifacts changes, so that cached builds are redone.
-_FORMAT = 1
 _MANIFEST = "appliance.json"
 _APT_TIMEOUT = 600.0
 _TOOL_TIMEOUT = 120.0
@@ -123,8 +163,9 @@ def build_appliance(
         cache_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ApplianceBuildError(f"Cannot create the appliance directories: {exc}.") from exc
-    with _locked(cache_dir / ".lock"):
+    with _locked(cache_dir / ".lock"):  # builds sharing a cache take turns with it
         kernel_deb, busybox_deb = _fetch_packages(cache_dir, log)
+        kernel_tree = _extracted_kernel(cache_dir, kernel_deb, log)
     key = _build_key(kernel_deb, busybox_deb)
     with _locked(out_dir.parent / f".{out_dir.name}.lock"):
         existing = _read_manifest(out_dir, key)
@@ -135,7 +176,7 @@ def build_appliance(
         tmp = out_dir.parent / f".{out_dir.name}.tmp-{secrets.token_hex(4)}"
         tmp.mkdir()
         try:
-            artifacts = _build(tmp, cache_dir, kernel_deb, busybox_deb, key, log)
+            artifacts = _build(tmp, kernel_tree, kernel_deb, busybox_deb, key, log)
             _replace_dir(tmp, out_dir)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -147,34 +188,49 @@ def build_appliance(
 # --- packages -------------------------------------------------------------------
 
 
+_KERNEL_DEBS = "linux-image-*-cloud-amd64_*.deb"
+_BUSYBOX_DEBS = f"{BUSYBOX_PACKAGE}_*.deb"
+
+
 def _fetch_packages(cache_dir: Path, log: Callable[[str], None]) -> tuple[Path, Path]:
     """The kernel's and busybox's .deb files in the cache, downloaded if missing."""
     try:
-        kernel_pkg = _resolve_kernel_package()
-        busybox_pkg = _apt_show(BUSYBOX_PACKAGE)
+        kernel_pkg, busybox_pkg = _resolve_packages()
+        kernel = _download(cache_dir, kernel_pkg, _KERNEL_DEBS, log)
+        busybox = _download(cache_dir, busybox_pkg, _BUSYBOX_DEBS, log)
     except ApplianceBuildError as exc:
-        # No apt metadata (or no apt): a warm cache still builds, offline.
-        kernel = _newest_cached(cache_dir, "linux-image-*-cloud-amd64_*.deb")
-        busybox = _newest_cached(cache_dir, f"{BUSYBOX_PACKAGE}_*.deb")
-        if kernel is None or busybox is None:
+        # No apt metadata, or no way to the archive: a warm cache still builds, offline.
+        cached_kernel = _newest_cached(cache_dir, _KERNEL_DEBS)
+        cached_busybox = _newest_cached(cache_dir, _BUSYBOX_DEBS)
+        if cached_kernel is None or cached_busybox is None:
             raise
         log(f"{exc} Using the packages cached in {cache_dir}.")
-        return kernel, busybox
-    return _download(cache_dir, kernel_pkg, log), _download(cache_dir, busybox_pkg, log)
+        return cached_kernel, cached_busybox
+    return kernel, busybox
 
 
-def _resolve_kernel_package() -> _Package:
-    meta = _apt_fields(KERNEL_METAPACKAGE)
-    match = re.search(r"\b(linux-image-[0-9][^\s,()]*-cloud-amd64)\b", meta.get("Depends", ""))
+def _resolve_packages() -> tuple[_Package, _Package]:
+    """The versioned kernel package the metapackage depends on, and busybox-static."""
+    # One apt-cache call (each reads apt's whole package list: half a second).
+    records = _apt_records([KERNEL_METAPACKAGE, BUSYBOX_PACKAGE])
+    meta, busybox = (records.get(name) for name in (KERNEL_METAPACKAGE, BUSYBOX_PACKAGE))
+    if meta is None or busybox is None:
+        missing = KERNEL_METAPACKAGE if meta is None else BUSYBOX_PACKAGE
+        raise ApplianceBuildError(f"apt knows no package {missing}.", hint=_APT_HINT)
+    # "linux-image-6.1.0-56-cloud-amd64 (= 6.1.192-2)": the exact version is right there.
+    match = re.search(
+        r"\b(linux-image-[0-9][^\s,()]*-cloud-amd64)\s*\(=\s*([^)\s]+)\)",
+        meta.get("Depends", ""),
+    )
     if match is None:
         raise ApplianceBuildError(
             f"apt's {KERNEL_METAPACKAGE} does not name a versioned kernel package."
         )
-    return _apt_show(match.group(1))
+    kernel = _Package(match.group(1), match.group(2), meta.get("Architecture", "amd64"), None)
+    return kernel, _package(busybox)
 
 
-def _apt_show(name: str) -> _Package:
-    fields = _apt_fields(name)
+def _package(fields: dict[str, str]) -> _Package:
     try:
         return _Package(
             name=fields["Package"],
@@ -182,34 +238,34 @@ def _apt_show(name: str) -> _Package:
             architecture=fields["Architecture"],
             size=int(fields["Size"]) if "Size" in fields else None,
         )
-    except KeyError as exc:
-        raise ApplianceBuildError(f"apt's record of {name} lacks its {exc.args[0]}.") from exc
+    except (KeyError, ValueError) as exc:
+        raise ApplianceBuildError(f"apt's record of a package is incomplete: {exc}.") from exc
 
 
-def _apt_fields(name: str) -> dict[str, str]:
-    """The candidate version's control fields, from apt's local metadata (no network)."""
+_APT_HINT = "Run 'apt-get update' (as root) so that apt knows Debian's packages."
+
+
+def _apt_records(names: list[str]) -> dict[str, dict[str, str]]:
+    """The candidate versions' control fields by package, from apt's local metadata."""
     out = _run(
-        ["apt-cache", "show", "--no-all-versions", name],
-        what=f"look up {name} with apt-cache",
-        hint="Run 'apt-get update' (as root) so that apt knows Debian's packages.",
+        ["apt-cache", "show", "--no-all-versions", *names],
+        what=f"look up {', '.join(names)} with apt-cache",
+        hint=_APT_HINT,
     )
-    fields: dict[str, str] = {}
-    for line in out.splitlines():
-        if not line.strip():
-            break  # only the first record
-        if line[0].isspace() or ":" not in line:
-            continue
-        field, _, value = line.partition(":")
-        fields[field] = value.strip()
-    if "Package" not in fields:
-        raise ApplianceBuildError(
-            f"apt knows no package {name}.",
-            hint="Run 'apt-get update' (as root) so that apt knows Debian's packages.",
-        )
-    return fields
+    records: dict[str, dict[str, str]] = {}
+    for paragraph in out.split("\n\n"):
+        fields: dict[str, str] = {}
+        for line in paragraph.splitlines():
+            if line and not line[0].isspace() and ":" in line:
+                field, _, value = line.partition(":")
+                fields[field] = value.strip()
+        if "Package" in fields:
+            records.setdefault(fields["Package"], fields)
+    return records
 
 
-def _download(cache_dir: Path, pkg: _Package, log: Callable[[str], None]) -> Path:
+def _download(cache_dir: Path, pkg: _Package, family: str, log: Callable[[str], None]) -> Path:
+    """``pkg``'s .deb in the cache; other versions (``family``, a glob) are removed."""
     target = cache_dir / pkg.deb_name
     if target.is_file() and (pkg.size is None or target.stat().st_size == pkg.size):
         return target
@@ -235,7 +291,7 @@ def _download(cache_dir: Path, pkg: _Package, log: Callable[[str], None]) -> Pat
         if len(debs) != 1:
             raise ApplianceBuildError(f"apt-get download of {pkg.name} produced no .deb file.")
         debs[0].replace(target)
-    for stale in cache_dir.glob(f"{pkg.name}_*.deb"):
+    for stale in cache_dir.glob(family):
         if stale != target:
             stale.unlink(missing_ok=True)
     return target
@@ -252,12 +308,14 @@ def _newest_cached(cache_dir: Path, pattern: str) -> Path | None:
 def _build_key(kernel_deb: Path, busybox_deb: Path) -> str:
     """Changes whenever anything the artifacts are made from changes."""
     digest = hashlib.sha256()
-    for part in (str(_FORMAT), CMDLINE, kernel_deb.name, busybox_deb.name):
+    for part in (CMDLINE, kernel_deb.name, busybox_deb.name):
         digest.update(part.encode() + b"\0")
-    for module in (*INITRAMFS_MODULES, "|", *DISK_MODULES):
+    for module in MODULES:
         digest.update(module.encode() + b"\0")
     for name, data in sorted(_appliance_files().items()):
         digest.update(name.encode() + b"\0" + hashlib.sha256(data).digest())
+    # This builder's own code too: a change in how the files are made is a new build.
+    digest.update(Path(__file__).read_bytes())
     return digest.hexdigest()
 
 
@@ -268,32 +326,30 @@ def _appliance_files() -> dict[str, bytes]:
 
 def _build(
     tmp: Path,
-    cache_dir: Path,
+    kernel_tree: Path,
     kernel_deb: Path,
     busybox_deb: Path,
     key: str,
     log: Callable[[str], None],
 ) -> ApplianceArtifacts:
     files = _appliance_files()
-    kernel_tree = _extracted_kernel(cache_dir, kernel_deb, log)
     release = _kernel_release(kernel_tree)
-    modules = _ModuleIndex(kernel_tree / "lib/modules" / release)
-    initramfs_modules = modules.closure(INITRAMFS_MODULES)
-    disk_modules = modules.closure(DISK_MODULES)
+    index = _ModuleIndex(kernel_tree / "lib/modules" / release)
     busybox = _extract_busybox(busybox_deb, tmp / "busybox")
 
-    kernel = tmp / "vmlinuz"
-    shutil.copyfile(kernel_tree / "boot" / f"vmlinuz-{release}", kernel)
+    kernel = _copy_kernel(kernel_tree, release, tmp)
 
     log("Writing the initramfs ...")
     initrd = tmp / "initrd.img"
-    _write_initramfs(initrd, busybox, files["initramfs-init"], release, initramfs_modules)
+    _write_initramfs(initrd, busybox, files["initramfs-init"], release, index, MODULES)
 
     log("Making the root filesystem ...")
     disk = tmp / "disk.qcow2"
-    _make_disk(disk, tmp / "root", busybox, files, release, disk_modules, key)
-    shutil.rmtree(tmp / "root")
-    (tmp / "busybox").unlink()
+    root = tmp / "root"
+    _make_root_tree(root, busybox, files, release, index, MODULES)
+    _make_disk(disk, root, key)
+    shutil.rmtree(root)
+    busybox.unlink()
 
     artifacts = ApplianceArtifacts(
         disk=disk, kernel=kernel, initrd=initrd, cmdline=CMDLINE, kernel_version=release
@@ -312,20 +368,42 @@ def _build(
 
 
 def _extracted_kernel(cache_dir: Path, deb: Path, log: Callable[[str], None]) -> Path:
-    """The kernel package unpacked once into the cache (unpacking xz takes seconds)."""
+    """What a build reads of the kernel package, unpacked once into the cache.
+
+    Unpacking it (xz, 90 MB of modules) takes seconds; the cache keeps the kernel image
+    and the modules that MODULES need (15 MB), and is redone when MODULES changes.
+    """
     tree = cache_dir / deb.name.removesuffix(".deb")
-    if (tree / ".complete").exists():
+    marker = tree / ".complete"
+    wanted = " ".join(MODULES)
+    if marker.is_file() and marker.read_text() == wanted:
         return tree
     log(f"Unpacking {deb.name} ...")
-    shutil.rmtree(tree, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=".unpack-"))
+    unpacked = Path(tempfile.mkdtemp(dir=cache_dir, prefix=".unpack-"))
+    staged = Path(tempfile.mkdtemp(dir=cache_dir, prefix=".kernel-"))
     try:
-        _run(["dpkg-deb", "-x", str(deb), str(tmp)], what=f"unpack {deb.name}")
-        (tmp / ".complete").touch()
-        tmp.rename(tree)
+        _run(["dpkg-deb", "-x", str(deb), str(unpacked)], what=f"unpack {deb.name}")
+        release = _kernel_release(unpacked)
+        moddir = Path("lib/modules") / release
+        bzimage = Path("boot") / f"vmlinuz-{release}"
+        keep = [bzimage, moddir / "modules.order"]
+        keep += [
+            ko.relative_to(unpacked) for _, ko in _ModuleIndex(unpacked / moddir).closure(MODULES)
+        ]
+        for rel in keep:
+            (staged / rel).parent.mkdir(parents=True, exist_ok=True)
+            (unpacked / rel).replace(staged / rel)
+        vmlinux = _bzimage_payload((staged / bzimage).read_bytes())
+        if vmlinux is not None and _has_pvh_entry(vmlinux):
+            (staged / "boot/vmlinux").write_bytes(vmlinux)
+        (staged / ".complete").write_text(wanted)
+        shutil.rmtree(tree, ignore_errors=True)
+        staged.rename(tree)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(staged, ignore_errors=True)
         raise
+    finally:
+        shutil.rmtree(unpacked, ignore_errors=True)
     for stale in cache_dir.glob("linux-image-*"):
         if stale.is_dir() and stale != tree:
             shutil.rmtree(stale, ignore_errors=True)
@@ -340,7 +418,6 @@ def _kernel_release(tree: Path) -> str:
 
 
 def _extract_busybox(deb: Path, target: Path) -> Path:
-    # One member out of the package: no need to unpack the rest (docs, udhcpc scripts).
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".busybox-") as tmp:
         _run(["dpkg-deb", "-x", str(deb), tmp], what=f"unpack {deb.name}")
         source = Path(tmp) / "bin/busybox"
@@ -349,6 +426,122 @@ def _extract_busybox(deb: Path, target: Path) -> Path:
         source.replace(target)
     target.chmod(0o755)
     return target
+
+
+def _copy_kernel(tree: Path, release: str, out_dir: Path) -> Path:
+    """The kernel to boot: the bare ELF (``vmlinux``) when it could be had, else the bzImage.
+
+    QEMU starts an ELF kernel at its PVH entry point (libvirt's ``<kernel>`` works the
+    same): no real-mode setup, no decompressor. Under TCG that saves about 0.3 s of CPU
+    per boot, for a 53 MB file instead of 14 MB. It is decompressed once, into the cache.
+    """
+    vmlinux = tree / "boot/vmlinux"
+    if vmlinux.is_file():
+        return Path(shutil.copyfile(vmlinux, out_dir / "vmlinux"))
+    return Path(shutil.copyfile(tree / "boot" / f"vmlinuz-{release}", out_dir / "vmlinuz"))
+
+
+def _bzimage_payload(data: bytes) -> bytes | None:
+    """The decompressed kernel inside a bzImage; None if its compression is not known."""
+    if len(data) < 0x250 or data[0x202:0x206] != b"HdrS":
+        return None
+    if struct.unpack_from("<H", data, 0x206)[0] < 0x208:
+        return None  # boot protocol too old to say where the payload is
+    setup_sects = data[0x1F1] or 4
+    offset, length = struct.unpack_from("<II", data, 0x248)
+    start = (setup_sects + 1) * 512 + offset
+    payload = data[start : start + length]
+    try:
+        if payload.startswith(_LZ4_LEGACY_MAGIC):
+            kernel = _lz4_legacy(payload)
+        elif payload.startswith(b"\x1f\x8b"):
+            kernel = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(payload)
+        elif payload.startswith(b"\xfd7zXZ\x00"):
+            kernel = lzma.LZMADecompressor(lzma.FORMAT_XZ).decompress(payload)
+        else:
+            return None  # zstd and others: boot the bzImage
+    except (lzma.LZMAError, zlib.error, IndexError, ValueError):
+        return None
+    # The build appends the decompressed size to the payload: all of it, or nothing.
+    if len(payload) < 4 or len(kernel) != struct.unpack_from("<I", payload, len(payload) - 4)[0]:
+        return None
+    return kernel
+
+
+_LZ4_LEGACY_MAGIC = b"\x02\x21\x4c\x18"
+
+
+def _lz4_legacy(data: bytes) -> bytes:
+    """Decompress LZ4's legacy frame format (what the kernel's build uses)."""
+    out = bytearray()
+    pos = len(_LZ4_LEGACY_MAGIC)
+    while pos + 4 <= len(data):
+        size = struct.unpack_from("<I", data, pos)[0]
+        if data[pos : pos + 4] == _LZ4_LEGACY_MAGIC:
+            pos += 4  # concatenated frames
+            continue
+        if pos + 4 + size > len(data):
+            break  # the trailer (the kernel's decompressed size), not a block
+        _lz4_block(data, pos + 4, pos + 4 + size, out)
+        pos += 4 + size
+    return bytes(out)
+
+
+def _lz4_block(src: bytes, pos: int, end: int, out: bytearray) -> None:
+    while pos < end:
+        token = src[pos]
+        pos += 1
+        literals = token >> 4
+        if literals == 15:
+            while True:
+                extra = src[pos]
+                pos += 1
+                literals += extra
+                if extra != 255:
+                    break
+        out += src[pos : pos + literals]
+        pos += literals
+        if pos >= end:
+            break  # the last sequence has literals only
+        distance = src[pos] | src[pos + 1] << 8
+        pos += 2
+        length = token & 15
+        if length == 15:
+            while True:
+                extra = src[pos]
+                pos += 1
+                length += extra
+                if extra != 255:
+                    break
+        length += 4
+        if distance == 0 or distance > len(out):
+            raise ValueError("corrupt LZ4 block")
+        start = len(out) - distance
+        if distance >= length:
+            out += out[start : start + length]
+        else:  # the match overlaps what it writes: a repeating pattern
+            out += (out[start:] * (length // distance + 1))[:length]
+
+
+def _has_pvh_entry(elf: bytes) -> bool:
+    """Whether an ELF kernel has the Xen PVH entry note QEMU needs to boot it."""
+    if elf[:4] != b"\x7fELF" or elf[4:6] != b"\x02\x01":
+        return False
+    phoff = struct.unpack_from("<Q", elf, 0x20)[0]
+    phentsize, phnum = struct.unpack_from("<HH", elf, 0x36)
+    for index in range(phnum):
+        base = phoff + index * phentsize
+        if struct.unpack_from("<I", elf, base)[0] != 4:  # PT_NOTE
+            continue
+        offset, _, _, size = struct.unpack_from("<QQQQ", elf, base + 8)
+        pos, end = offset, offset + size
+        while pos + 12 <= end:
+            namesz, descsz, kind = struct.unpack_from("<III", elf, pos)
+            name = elf[pos + 12 : pos + 12 + namesz].rstrip(b"\0")
+            if name == b"Xen" and kind == 18:  # XEN_ELFNOTE_PHYS32_ENTRY
+                return True
+            pos += 12 + (namesz + 3) // 4 * 4 + (descsz + 3) // 4 * 4
+    return False
 
 
 class _ModuleIndex:
@@ -376,7 +569,7 @@ class _ModuleIndex:
             rel = self.paths.get(name)
             if rel is None:
                 raise ApplianceBuildError(f"The kernel package has no module {name}.")
-            for dep in _modinfo(self.root / rel).get("depends", []):
+            for dep in _elf_modinfo(self.root / rel).get("depends", []):
                 for dep_name in filter(None, dep.split(",")):
                     visit(_module_name(dep_name), (*chain, name))
             done[name] = self.root / rel
@@ -390,32 +583,74 @@ def _module_name(path: str) -> str:
     return Path(path).name.removesuffix(".ko").replace("-", "_")
 
 
-def _modinfo(ko: Path) -> dict[str, list[str]]:
-    """The ``key=value`` strings of an ELF64 module's ``.modinfo`` section."""
-    data = ko.read_bytes()
-    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
-        raise ApplianceBuildError(f"{ko.name} is not a 64-bit little-endian ELF module.")
+@dataclass(frozen=True, slots=True)
+class _Section:
+    name: bytes
+    header: int
+    """Offset of the section header in the file."""
+    offset: int
+    size: int
+
+
+def _elf_sections(data: bytes, what: str) -> list[_Section]:
+    """The sections of a 64-bit little-endian ELF file (a kernel module)."""
+    if data[:4] != b"\x7fELF" or data[4:6] != b"\x02\x01":
+        raise ApplianceBuildError(f"{what} is not a 64-bit little-endian ELF file.")
     shoff = struct.unpack_from("<Q", data, 0x28)[0]
     shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 0x3A)
+    headers = [shoff + index * shentsize for index in range(shnum)]
+    names = struct.unpack_from("<Q", data, headers[shstrndx] + 24)[0]
+    sections = []
+    for header in headers:
+        name = names + struct.unpack_from("<I", data, header)[0]
+        offset, size = struct.unpack_from("<QQ", data, header + 24)
+        sections.append(_Section(data[name : data.index(b"\0", name)], header, offset, size))
+    return sections
 
-    def section(index: int) -> tuple[int, int, int]:
-        base = shoff + index * shentsize
-        name = struct.unpack_from("<I", data, base)[0]
-        offset, size = struct.unpack_from("<QQ", data, base + 24)
-        return name, offset, size
 
-    _, str_off, _ = section(shstrndx)
-    for index in range(shnum):
-        name, offset, size = section(index)
-        end = data.index(b"\0", str_off + name)
-        if data[str_off + name : end] == b".modinfo":
-            info: dict[str, list[str]] = {}
-            for item in data[offset : offset + size].split(b"\0"):
+def _elf_modinfo(ko: Path) -> dict[str, list[str]]:
+    """The ``key=value`` strings of a module's ``.modinfo`` section."""
+    data = ko.read_bytes()
+    info: dict[str, list[str]] = {}
+    for section in _elf_sections(data, ko.name):
+        if section.name == b".modinfo":
+            for item in data[section.offset : section.offset + section.size].split(b"\0"):
                 field, sep, value = item.decode("utf-8", "replace").partition("=")
                 if sep:
                     info.setdefault(field, []).append(value)
-            return info
-    return {}
+    return info
+
+
+_SIGNATURE_MARKER = b"~Module signature appended~\n"
+
+
+def _trimmed_module(ko: Path) -> bytes:
+    """A module as the appliance loads it: without its signature and its BTF.
+
+    Each costs emulated CPU at every load for nothing here: the kernel could not check
+    the signature (its certificates are not loaded, see CMDLINE), and the first module
+    with BTF makes the kernel parse the whole kernel's BTF (about 0.15 s under TCG).
+    The BTF section is hidden by giving it an empty name, which changes no offsets.
+    """
+    data = bytearray(ko.read_bytes())
+    if data.endswith(_SIGNATURE_MARKER):
+        end = len(data) - len(_SIGNATURE_MARKER)
+        # struct module_signature (12 bytes) ends with the signature's length, big-endian.
+        sig_len = struct.unpack_from(">I", data, end - 4)[0]
+        del data[end - 12 - sig_len :]
+    for section in _elf_sections(bytes(data), ko.name):
+        if section.name == b".BTF":
+            struct.pack_into("<I", data, section.header, 0)  # sh_name 0: ""
+    return bytes(data)
+
+
+def _modules_dep(modules: Sequence[tuple[str, Path]], closure: _ModuleIndex) -> str:
+    """modules.dep for busybox modprobe, in kmod's order (a module's deps, last first)."""
+    lines = []
+    for name, ko in modules:
+        deps = [dep.name for dep_name, dep in closure.closure([name]) if dep_name != name]
+        lines.append(f"{ko.name}: {' '.join(reversed(deps))}".rstrip() + "\n")
+    return "".join(lines)
 
 
 # --- initramfs ------------------------------------------------------------------
@@ -426,26 +661,35 @@ def _write_initramfs(
     busybox: Path,
     init: bytes,
     release: str,
-    modules: Sequence[tuple[str, Path]],
+    index: _ModuleIndex,
+    wanted: Sequence[str],
 ) -> None:
-    """A cpio (newc) archive; device nodes need no root since we write the headers."""
+    """A cpio (newc) archive; device nodes need no root since we write the headers.
+
+    Uncompressed: the kernel copies 2.3 MB faster than TCG decompresses it.
+    """
     moddir = f"lib/modules/{release}"
-    load = "".join(f"{ko.name}\n" for _, ko in modules)
     cpio = _Cpio()
     for directory in ("bin", "dev", "proc", "sys", "newroot", "lib", "lib/modules", moddir):
         cpio.directory(directory)
     cpio.char_device("dev/console", 5, 1, 0o600)
+    cpio.char_device("dev/kmsg", 1, 11, 0o644)  # the probe writes here before devtmpfs
     cpio.file("bin/busybox", busybox.read_bytes(), 0o755)
     cpio.symlink("bin/sh", "busybox")
     cpio.file("init", init, 0o755)
-    cpio.file(f"{moddir}/initramfs.load", load.encode(), 0o644)
-    for _, ko in modules:
-        cpio.file(f"{moddir}/{ko.name}", ko.read_bytes(), 0o644)
-    data = cpio.finish()
-    path.write_bytes(gzip.compress(data, 6, mtime=0) if _GZIP_INITRAMFS else data)
+    for rel, data in _module_files(index, wanted).items():
+        cpio.file(f"{moddir}/{rel}", data, 0o644)
+    path.write_bytes(cpio.finish())
 
 
-_GZIP_INITRAMFS = False
+def _module_files(index: _ModuleIndex, wanted: Sequence[str]) -> dict[str, bytes]:
+    """The modules ``wanted`` need (flat), their modules.dep, and corral.modules."""
+    modules = index.closure(wanted)
+    files = {ko.name: _trimmed_module(ko) for _, ko in modules}
+    files["modules.dep"] = _modules_dep(modules, index).encode()
+    # What the init scripts pass to `modprobe -a`, one line.
+    files["corral.modules"] = (" ".join(wanted) + "\n").encode()
+    return files
 
 
 class _Cpio:
@@ -496,16 +740,7 @@ def _pad(length: int) -> bytes:
 # --- root disk ------------------------------------------------------------------
 
 
-def _make_disk(
-    disk: Path,
-    root: Path,
-    busybox: Path,
-    files: dict[str, bytes],
-    release: str,
-    modules: Sequence[tuple[str, Path]],
-    key: str,
-) -> None:
-    _make_root_tree(root, busybox, files, release, modules)
+def _make_disk(disk: Path, root: Path, key: str) -> None:
     raw = disk.with_suffix(".raw")
     with raw.open("wb") as out:
         out.truncate(DISK_SIZE)
@@ -542,8 +777,10 @@ def _make_root_tree(
     busybox: Path,
     files: dict[str, bytes],
     release: str,
-    modules: Sequence[tuple[str, Path]],
+    index: _ModuleIndex,
+    wanted: Sequence[str],
 ) -> None:
+    """The disk's files. Directories the init writes into exist already: no mkdir forks."""
     for directory in (
         "bin",
         "sbin",
@@ -557,42 +794,37 @@ def _make_root_tree(
         "etc/corral",
         "var/lib/corral",
         f"lib/modules/{release}",
-        "mnt",
+        "mnt/seed",
     ):
         (root / directory).mkdir(parents=True, exist_ok=True)
     (root / "root").mkdir(mode=0o700)
+    (root / "root/.ssh").mkdir(mode=0o700)
     (root / "tmp").chmod(0o1777)
     shutil.copyfile(busybox, root / "bin/busybox")
     (root / "bin/busybox").chmod(0o755)
     for applet in _busybox_applets(busybox):
         link = root / applet
-        if applet == "bin/busybox" or link.exists() or link.is_symlink():
-            continue
+        if applet == "sbin/init" or link.exists() or link.is_symlink():
+            continue  # /sbin/init is ours; it becomes busybox init at the end
         link.parent.mkdir(parents=True, exist_ok=True)
         link.symlink_to(os.path.relpath(root / "bin/busybox", link.parent))
-    (root / "sbin/init").unlink(missing_ok=True)  # busybox's applet: ours runs first
 
-    def put(rel: str, data: bytes, mode: int) -> None:
+    def put(rel: str, data: bytes, mode: int = 0o644) -> None:
         target = root / rel
         target.write_bytes(data)
         target.chmod(mode)
 
     put("sbin/init", files["init"], 0o755)
-    put("etc/corral/seed.awk", files["seed.awk"], 0o644)
-    put("etc/corral/power-button", files["power-button"], 0o755)
-    put("etc/inittab", files["inittab"], 0o644)
-    put("etc/profile", files["profile"], 0o644)
-    put("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n", 0o644)
+    put("etc/corral/seed.awk", files["seed.awk"])
+    put("etc/inittab", files["inittab"])
+    put("etc/fstab", files["fstab"])
+    put("etc/profile", files["profile"])
+    put("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n")
     put("etc/shadow", b"root:*:19000:0:99999:7:::\n", 0o600)
-    put("etc/group", b"root:x:0:\ntty:x:5:\n", 0o644)
-    put("etc/hostname", b"appliance\n", 0o644)
-    put("etc/fstab", b"/dev/vda / ext4 rw,noatime 0 1\n", 0o644)
-
-    moddir = root / "lib/modules" / release
-    for _, ko in modules:
-        shutil.copyfile(ko, moddir / ko.name)
-    load = "".join(f"{name} {ko.name}\n" for name, ko in modules)
-    put(f"lib/modules/{release}/corral.load", load.encode(), 0o644)
+    put("etc/group", b"root:x:0:\ntty:x:5:\n")
+    put("etc/hostname", b"appliance\n")
+    for rel, data in _module_files(index, wanted).items():
+        put(f"lib/modules/{release}/{rel}", data)
 
 
 def _busybox_applets(busybox: Path) -> list[str]:
@@ -694,9 +926,7 @@ def _run(
             env={**os.environ, "LC_ALL": "C"},
         )
     except FileNotFoundError as exc:
-        raise ApplianceBuildError(
-            f"Cannot {what}: {args[0]} is not installed.", hint=hint
-        ) from exc
+        raise ApplianceBuildError(f"Cannot {what}: {args[0]} is not installed.", hint=hint) from exc
     except subprocess.TimeoutExpired as exc:
         raise ApplianceBuildError(f"Cannot {what}: no answer within {timeout:.0f} s.") from exc
     if done.returncode != 0:

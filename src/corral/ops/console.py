@@ -20,12 +20,17 @@ class ReadyReport:
 
 
 def find_line(log: Path, marker: str) -> str | None:
-    """The first console line starting with ``marker``, or None (also if no log yet)."""
+    """The first complete console line starting with ``marker``, or None.
+
+    The serial port trickles out a few bytes at a time, so a last line without its
+    newline may still be half-written: it does not count yet.
+    """
     try:
         data = log.read_bytes()
     except FileNotFoundError:
         return None
-    for raw in data.splitlines():
+    complete = data[: data.rfind(b"\n") + 1]
+    for raw in complete.splitlines():
         line = raw.decode("utf-8", "replace").strip("\r\n \x00")
         if line.startswith(marker):
             return line

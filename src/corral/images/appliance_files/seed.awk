@@ -1,9 +1,10 @@
 # Reads a NoCloud seed's meta-data and user-data (simple YAML: top-level "key: value"
-# lines and the "  - " items under ssh_authorized_keys) and writes the values the
-# appliance uses into files under `out`: hostname, instance-id, authorized_keys.
+# lines and the "  - " items under ssh_authorized_keys). Writes the keys to the file
+# `keys` (when the user-data has the list) and prints "HOSTNAME INSTANCE-ID", each
+# "-" when absent.
 
-# A YAML scalar without its quotes; JSON-style double quotes (what Corral writes) or
-# single quotes.
+# A YAML scalar without its quotes: JSON-style double quotes (what Corral writes),
+# single quotes, or plain (then a " #" comment ends it).
 function scalar(v) {
     sub(/^[ \t]+/, "", v)
     sub(/[ \t\r]+$/, "", v)
@@ -34,16 +35,17 @@ meta && /^local-hostname:/ { meta_host = value() }
     else if (in_keys && $0 ~ /^[ \t]*- /) {
         key = $0
         sub(/^[ \t]*- /, "", key)
-        keys = keys scalar(key) "\n"
+        key = scalar(key)
+        if (key != "") keys_text = keys_text key "\n"
     }
 }
 
 END {
+    # cloud-init's order: user-data's hostname, then meta-data's local-hostname.
     host = user_host != "" ? user_host : meta_host
-    # The readiness line is space-separated key=value: keep the values to one token.
+    # The readiness line is space-separated key=value: keep each value one token.
     gsub(/[^A-Za-z0-9.-]/, "", host)
     gsub(/[^!-~]/, "", iid)
-    if (host != "") print substr(host, 1, 63) > (out "/hostname")
-    if (iid != "") print iid > (out "/instance-id")
-    printf "%s", keys > (out "/authorized_keys")
+    if (has_keys) printf "%s", keys_text > keys
+    print (host != "" ? substr(host, 1, 63) : "-"), (iid != "" ? iid : "-")
 }
