@@ -13,6 +13,7 @@ PACKAGES=(
   libvirt-dev pkg-config gcc            # to build libvirt-python
   tini                                  # reaps QEMU's daemonized children where no init does
   busybox-static kmod cpio e2fsprogs    # to build the appliance
+  lz4                                   # to unpack the kernel once, for a faster boot
   dpkg-dev                              # apt-get download, dpkg-deb
   postgresql                            # the store's tests also run against PostgreSQL
   python3-venv
