@@ -11,7 +11,7 @@ say "The local host"
 $corral host show
 if ! $corral vm show demo-1 >/dev/null 2>&1; then
   say "Provisioning three linked clones of the appliance"
-  $corral vm create demo --image appliance --count 3 --wait
+  $corral vm create demo --image appliance --count 3 --wait >/dev/null  # progress shows on stderr
 fi
 say "The fleet: each machine's identity and the disk bytes it owns"
 $corral vm list
