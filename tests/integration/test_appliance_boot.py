@@ -9,7 +9,6 @@ Every QEMU is killed by its pid when a test ends.
 
 from __future__ import annotations
 
-import io
 import os
 import shutil
 import socket
@@ -21,9 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-import pycdlib
 import pytest
 
+from corral.identity.seed import SeedContent, write_seed
 from corral.images.appliance import ApplianceArtifacts, build_appliance
 
 pytestmark = [
@@ -46,23 +45,6 @@ KEYS = (
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> ApplianceArtifacts:
     return build_appliance(tmp_path_factory.mktemp("appliance") / "out", CACHE)
-
-
-def write_seed(path: Path, meta_data: str, user_data: str) -> None:
-    """A NoCloud seed: ISO 9660 labelled cidata, with Joliet and Rock Ridge names."""
-    iso = pycdlib.PyCdlib()
-    iso.new(interchange_level=3, joliet=3, rock_ridge="1.09", vol_ident="cidata")
-    for name, text in (("meta-data", meta_data), ("user-data", user_data)):
-        data = text.encode()
-        iso.add_fp(
-            io.BytesIO(data),
-            len(data),
-            f"/{name.replace('-', '_').upper()}.;1",
-            rr_name=name,
-            joliet_path=f"/{name}",
-        )
-    iso.write(str(path))
-    iso.close()
 
 
 def free_udp_ports() -> tuple[int, int]:
@@ -239,7 +221,7 @@ def boot(built: ApplianceArtifacts, tmp_path: Path) -> Iterator[BootFn]:
             )  # fmt: skip
             args += ["-drive", f"file={overlay},format=qcow2,if=virtio"]
         if seed is not None:
-            write_seed(workdir / "seed.iso", *seed)
+            write_seed(workdir / "seed.iso", SeedContent(*seed))  # Corral's own writer
             args += ["-drive", f"file={workdir / 'seed.iso'},format=raw,if=virtio,readonly=on"]
         if nic:
             # A UDP socket backend on loopback: the NIC exists, nothing leaves the host.

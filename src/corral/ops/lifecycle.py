@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from corral.errors import Conflict, CorralError, HypervisorError, NotFound
+from corral.errors import Conflict, CorralError, NotFound
 from corral.identity import allocate_macs, check_name, new_identity
 from corral.model import CloneMode, DiskUsage, Machine, PowerState
 from corral.ops import steps as _steps  # noqa: F401  (registers the step kinds)
@@ -114,7 +114,7 @@ def clone(ctx: Context, source: str, new: str, mode: CloneMode = CloneMode.LINKE
     if ctx.store.taken(names=[new]) or new in ctx.driver.domain_names():
         raise Conflict(f"A machine named '{new}' already exists.")
     if not src.managed or src.image is None:
-        raise HypervisorError(f"Machine '{source}' was adopted; Corral cannot clone it yet.")
+        raise Conflict(f"Machine '{source}' was adopted; Corral cannot clone it yet.")
     (mac,) = allocate_macs(1, lambda c: ctx.store.taken(macs=c))
     machine = new_machine(
         ctx,

@@ -7,7 +7,6 @@ and a domain Corral did not define is listed as unmanaged until someone adopts i
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from corral.errors import Conflict, InvalidInput
 from corral.identity import check_name
@@ -54,7 +53,7 @@ def adopt(ctx: Context, name: str) -> Machine:
         raise Conflict(f"Machine '{name}' is already managed by Corral.")
     check_name(name)
     parsed = ctx.driver.domain_xml(name)
-    disks = [d for d in parsed.disks if d.device == "disk" and d.source]
+    disks = [d.source for d in parsed.disks if d.device == "disk" and d.source]
     if not disks:
         raise InvalidInput(f"Domain '{name}' has no disk file; Corral cannot adopt it.")
     mac = parsed.macs[0] if parsed.macs else None
@@ -68,7 +67,7 @@ def adopt(ctx: Context, name: str) -> Machine:
         cpus=parsed.cpus,
         memory_bytes=parsed.memory_bytes,
         clone=None,
-        disk_path=str(Path(disks[0].source or "")),
+        disk_path=disks[0],
         seed_path=None,
         record_state=RecordState.READY,
         managed=False,
