@@ -45,8 +45,10 @@ class NotFound(CorralError):
     exit_code = 3
     http_status = 404
 
-    def __init__(self, kind: str, name: str, *, hint: str | None = None) -> None:
-        super().__init__(f"No {kind} named '{name}'.", hint=hint)
+    def __init__(
+        self, kind: str, name: str, *, hint: str | None = None, called: str = "named"
+    ) -> None:
+        super().__init__(f"No {kind} {called} '{name}'.", hint=hint)
         self.kind = kind
         self.name = name
 

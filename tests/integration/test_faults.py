@@ -168,6 +168,11 @@ def test_kill_9_during_provisioning_leaves_nothing_after_the_next_command(
     listed = env.run("vm", "list", "-o", "json")
     assert "Recovered interrupted provision job" in listed.stderr
     assert _leftovers(env) == NOTHING
+    job = env.json("job", "list")[0]  # newest first
+    assert (job["kind"], job["state"]) == ("provision", "rolled-back")
+    # every step that may have begun, and only those, was compensated
+    compensated = [st["name"] for st in job["steps"] if st["state"] == "compensated"]
+    assert compensated == PROVISION_STEPS[: PROVISION_STEPS.index(step) + (when == "after")]
     # and the name is free again
     env.run("vm", "create", env.name("crash"), "--image", "appliance", "--no-start")
 

@@ -238,7 +238,7 @@ class Store:
         with self._tx() as s:
             row = s.get(JobRow, job_id)
             if row is None:
-                raise NotFound("job", str(job_id))
+                raise NotFound("job", str(job_id), called="with id")
             return _job(row)
 
     def list_jobs(self, state: JobState | None = None, limit: int = 50) -> list[Job]:
