@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import CorralEnv, libvirt_domain_names
+from .conftest import CORRAL, CorralEnv, libvirt_domain_names
 
 
 def _leftovers(env: CorralEnv) -> dict[str, object]:
@@ -209,3 +209,23 @@ def test_kill_9_during_clone_leaves_the_source_intact(with_appliance: CorralEnv)
     assert len(after["pool files"]) == 2  # the source's disk and seed, nothing of the twin
     assert env.json("vm", "show", src) == before
     assert Path(before["disk_path"]).exists()
+
+
+def test_two_processes_racing_for_one_name_cannot_both_win(with_appliance: CorralEnv) -> None:
+    env = with_appliance
+    name = env.name("race")
+    racers = [
+        subprocess.Popen(
+            [CORRAL, "vm", "create", name, "--image", "appliance", "--no-start"],
+            env={**os.environ, **env.env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    results = [(r.wait(timeout=120), r.communicate()[1]) for r in racers]
+    assert sorted(code for code, _ in results) == [0, 4], results
+    assert any("already exists" in stderr for _, stderr in results)
+    # exactly one machine, with one disk and one seed: the loser left nothing
+    left = _leftovers(env)
+    assert left["domains"] == {name} and left["records"] == [name]
+    assert len(left["pool files"]) == 2
