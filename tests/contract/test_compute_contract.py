@@ -494,12 +494,19 @@ def _attach_in_thread(
     return thread
 
 
-def test_console_detaches_on_ctrl_bracket(env: Env) -> None:
+@pytest.fixture
+def running(env: Env) -> DomainPlan:
+    """A started domain, for the console tests: libvirt's test driver has no consoles."""
     if not env.real:
         pytest.skip("libvirt's test driver has no console streams")
     plan = env.plan("a")
     env.driver.define(plan)
     env.driver.start(plan.name)
+    return plan
+
+
+def test_console_detaches_on_ctrl_bracket(env: Env, running: DomainPlan) -> None:
+    plan = running
     stdin_r, stdin_w = os.pipe()
     out_r, out_w = os.pipe()
     try:
@@ -520,12 +527,8 @@ def test_console_detaches_on_ctrl_bracket(env: Env) -> None:
             os.close(fd)
 
 
-def test_console_puts_a_terminal_in_raw_mode_and_restores_it(env: Env) -> None:
-    if not env.real:
-        pytest.skip("libvirt's test driver has no console streams")
-    plan = env.plan("a")
-    env.driver.define(plan)
-    env.driver.start(plan.name)
+def test_console_puts_a_terminal_in_raw_mode_and_restores_it(env: Env, running: DomainPlan) -> None:
+    plan = running
     master, slave = os.openpty()
     out_r, out_w = os.pipe()
     try:
@@ -545,12 +548,8 @@ def test_console_puts_a_terminal_in_raw_mode_and_restores_it(env: Env) -> None:
             os.close(fd)
 
 
-def test_console_ends_when_the_domain_stops(env: Env) -> None:
-    if not env.real:
-        pytest.skip("libvirt's test driver has no console streams")
-    plan = env.plan("a")
-    env.driver.define(plan)
-    env.driver.start(plan.name)
+def test_console_ends_when_the_domain_stops(env: Env, running: DomainPlan) -> None:
+    plan = running
     stdin_r, stdin_w = os.pipe()
     out_r, out_w = os.pipe()
     try:
