@@ -12,7 +12,6 @@ import errno
 import json
 import os
 import re
-import resource
 import signal
 import subprocess
 import tempfile
@@ -38,10 +37,18 @@ class QemuImgLimits:
     address_space: int
     """Bytes of virtual memory."""
 
-    def apply(self) -> None:
-        """Set the limits on the current process; runs in the child before exec."""
-        resource.setrlimit(resource.RLIMIT_CPU, (self.cpu_seconds, self.cpu_seconds))
-        resource.setrlimit(resource.RLIMIT_AS, (self.address_space, self.address_space))
+    def prefix(self) -> list[str]:
+        """util-linux's prlimit, which sets the limits and then execs the command.
+
+        Not a ``preexec_fn``: Corral starts qemu-img from worker threads, where running
+        Python between fork and exec can deadlock.
+        """
+        return [
+            "prlimit",
+            f"--cpu={self.cpu_seconds}:{self.cpu_seconds}",
+            f"--as={self.address_space}:{self.address_space}",
+            "--",
+        ]
 
 
 @dataclass(frozen=True)
@@ -183,17 +190,17 @@ def _arg(path: Path) -> str:
 
 def _popen(args: list[str], limits: QemuImgLimits, stderr: Any) -> subprocess.Popen[bytes]:
     try:
-        # preexec_fn runs only setrlimit (no allocation-heavy work) between fork and exec.
         return subprocess.Popen(
-            [_QEMU_IMG, *args],
+            [*limits.prefix(), _QEMU_IMG, *args],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=stderr,
             env={**os.environ, "LC_ALL": "C"},  # English messages: ENOSPC is found by its text
-            preexec_fn=limits.apply,
         )
     except FileNotFoundError as exc:
-        raise StorageError("qemu-img is not installed; install the qemu-utils package.") from exc
+        raise StorageError(
+            "prlimit or qemu-img is missing; install the util-linux and qemu-utils packages."
+        ) from exc
     except OSError as exc:
         raise StorageError(f"Could not start qemu-img: {exc.strerror}.") from exc
 
