@@ -143,7 +143,6 @@ PROVISION_STEPS = [
     "disk.clone",
     "seed.write",
     "domain.define",
-    "domain.start",
     "machine.ready",
 ]
 
@@ -229,3 +228,18 @@ def test_two_processes_racing_for_one_name_cannot_both_win(with_appliance: Corra
     left = _leftovers(env)
     assert left["domains"] == {name} and left["records"] == [name]
     assert len(left["pool files"]) == 2
+
+
+def test_a_machine_that_will_not_start_is_not_left_behind(with_appliance: CorralEnv) -> None:
+    env = with_appliance
+    kernel = Path(env.json("image", "show", "appliance")["kernel"])
+    aside = kernel.with_name(kernel.name + ".aside")
+    kernel.rename(aside)  # QEMU cannot start without it
+    try:
+        result = env.run("vm", "create", env.name("nostart"), "--image", "appliance",
+                         check=False)
+    finally:
+        aside.rename(kernel)
+    assert result.returncode == 8, result.stderr
+    assert env.name("nostart") in result.stderr and "Traceback" not in result.stderr
+    assert _leftovers(env) == NOTHING

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from corral.errors import (
 from corral.identity import allocate_macs, batch_names, new_identity
 from corral.model import Machine, MachineSpec, PowerState
 from corral.model.units import format_size
+from corral.ops import lifecycle
 from corral.ops import steps as _steps  # noqa: F401  (registers the step kinds)
 from corral.ops.console import ReadyReport, read_ready
 from corral.ops.context import Context
@@ -25,6 +27,7 @@ from corral.ops.hosts import local_host
 from corral.ops.jobs import PlannedStep, Recovery, job_kind, run_job
 from corral.ops.machines import console_log, machine_args, new_machine
 
+log = logging.getLogger(__name__)
 PROVISION = job_kind("provision", Recovery.ROLL_BACK)
 MIN_MEMORY = 64 << 20
 
@@ -83,17 +86,14 @@ def create_machines(ctx: Context, spec: MachineSpec, count: int = 1) -> BatchRes
                 {"path": m.seed_path, "identity": args["identity"], "ssh_keys": args["ssh_keys"]},
             ),
             PlannedStep("domain.define", {"name": m.name, "uuid": m.identity.uuid}),
+            PlannedStep("machine.ready", {"name": m.name}),
         ]
-        if spec.start:
-            plan.append(PlannedStep("domain.start", {"name": m.name}))
-        plan.append(PlannedStep("machine.ready", {"name": m.name}))
         run_job(ctx, PROVISION, m.name, plan)
         return ctx.store.get_machine(m.name)
 
     created: list[Machine] = []
     failed: dict[str, CorralError] = {}
-    # Starting QEMU is the slow part of a step (~100 ms); a few at once keep both
-    # cores busy without making libvirtd queue.
+    # Full copies run qemu-img for seconds; a few at once use both cores.
     with ThreadPoolExecutor(max_workers=min(count, 4)) as pool:
         futures = {m.name: pool.submit(provision, m) for m in machines}
         for name, future in futures.items():
@@ -101,7 +101,33 @@ def create_machines(ctx: Context, spec: MachineSpec, count: int = 1) -> BatchRes
                 created.append(future.result())
             except CorralError as exc:
                 failed[name] = exc
+    if spec.start:
+        created = _start_in_turn(ctx, created, failed)
     return BatchResult(created=created, failed=failed)
+
+
+def _start_in_turn(
+    ctx: Context, machines: list[Machine], failed: dict[str, CorralError]
+) -> list[Machine]:
+    """Start provisioned machines one after another; delete any that will not start.
+
+    One at a time, after all are defined: measured with ten appliance guests on two
+    cores, starting QEMUs from several threads while earlier guests boot costs each
+    guest ~10 % more CPU, and the batch ~10 % more time, than starting them in turn.
+    A machine that does not start is deleted, so `vm create` leaves nothing half-made.
+    """
+    started = []
+    for machine in machines:
+        try:
+            lifecycle.start(ctx, machine.name)
+            started.append(machine)
+        except CorralError as exc:
+            failed[machine.name] = exc
+            try:
+                lifecycle.delete(ctx, machine.name, force=True)
+            except CorralError:
+                log.exception("could not delete %s, which did not start", machine.name)
+    return started
 
 
 def _check_resources(

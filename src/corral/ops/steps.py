@@ -14,7 +14,7 @@ from corral.model import CloneMode, Identity, RecordState
 from corral.ops.context import Context
 from corral.ops.hosts import local_host
 from corral.ops.jobs import nothing, step
-from corral.ops.machines import console_log, domain_plan, machine_from_args
+from corral.ops.machines import domain_plan, machine_from_args
 
 # -- the record --------------------------------------------------------------------------
 
@@ -110,12 +110,6 @@ def _define(ctx: Context, a: dict[str, Any]) -> None:
     machine = ctx.store.get_machine(a["name"])
     ctx.settings.console_dir.mkdir(parents=True, exist_ok=True)
     ctx.driver.define(domain_plan(ctx, machine, host))
-
-
-@step("domain.start", undo=lambda ctx, a: ctx.driver.destroy(a["name"]))
-def _start(ctx: Context, a: dict[str, Any]) -> None:
-    console_log(ctx, a["name"]).unlink(missing_ok=True)  # readiness must be this boot's
-    ctx.driver.start(a["name"])
 
 
 @step("domain.destroy", undo=nothing)
