@@ -44,7 +44,6 @@ def _convert(ctx: Context, a: dict[str, Any]) -> None:
 @step("image.record", undo=lambda ctx, a: ctx.store.delete_image(a["name"]))
 def _record(ctx: Context, a: dict[str, Any]) -> None:
     path = Path(a["paths"][0])
-    info = qemu_img.info(path, "qcow2", ctx.limits)
     boot = KernelBoot(**a["kernel_boot"]) if a["kernel_boot"] else None
     if ctx.store.find_image(a["name"]) is None:
         ctx.store.add_image(
@@ -53,7 +52,7 @@ def _record(ctx: Context, a: dict[str, Any]) -> None:
                 path=str(path),
                 source_format=ImageFormat(a["format"]),
                 sha256=_sha256(path),
-                virtual_size=info.virtual_size,
+                virtual_size=a["virtual_size"],
                 kernel_boot=boot,
                 created_at=utcnow(),
             )
@@ -101,6 +100,7 @@ def import_image(
         "name": name,
         "source": str(source),
         "format": vetted.format.value,
+        "virtual_size": vetted.virtual_size,
         "paths": paths,
         "extra_sources": extra,
         "kernel_boot": kernel_boot,

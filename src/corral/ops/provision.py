@@ -17,7 +17,7 @@ from corral.errors import (
     InvalidInput,
 )
 from corral.identity import allocate_macs, batch_names, new_identity
-from corral.model import Machine, MachineSpec, PowerState
+from corral.model import CloneMode, Machine, MachineSpec, PowerState
 from corral.model.units import format_size
 from corral.ops import lifecycle
 from corral.ops import steps as _steps  # noqa: F401  (registers the step kinds)
@@ -26,6 +26,7 @@ from corral.ops.context import Context
 from corral.ops.hosts import local_host
 from corral.ops.jobs import PlannedStep, Recovery, job_kind, run_job
 from corral.ops.machines import console_log, machine_args, new_machine
+from corral.storage.base import FULL_CLONE, LINKED_CLONE
 
 log = logging.getLogger(__name__)
 PROVISION = job_kind("provision", Recovery.ROLL_BACK)
@@ -48,6 +49,9 @@ def create_machines(ctx: Context, spec: MachineSpec, count: int = 1) -> BatchRes
     host, _ = local_host(ctx)
     image = ctx.store.get_image(spec.image)
     disk_bytes = spec.disk_bytes or image.virtual_size
+    wanted = LINKED_CLONE if spec.clone is CloneMode.LINKED else FULL_CLONE
+    if wanted not in ctx.storage.capabilities:
+        raise InvalidInput(f"This host's storage cannot make a {spec.clone} clone.")
     _check_resources(ctx, spec, disk_bytes, image.virtual_size, host.facts.memory_bytes,
                      host.facts.cpus)
     taken = ctx.store.taken(names=names) | (set(names) & ctx.driver.domain_names())

@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable
-from importlib.metadata import entry_points
 from pathlib import Path
 from typing import ClassVar
 
-from corral.errors import DriverNotFound
 from corral.model import DiskUsage
 
 Progress = Callable[[float], None]
@@ -62,11 +60,3 @@ class StorageBackend(abc.ABC):
     @abc.abstractmethod
     def usage(self, path: Path) -> DiskUsage:
         """Virtual size, bytes the volume owns and bytes it shares with its bases."""
-
-
-def load_storage_backend(name: str) -> type[StorageBackend]:
-    found = {ep.name: ep for ep in entry_points(group="corral.storage")}
-    if name not in found:
-        raise DriverNotFound("corral.storage", name, list(found))
-    backend: type[StorageBackend] = found[name].load()
-    return backend
