@@ -16,6 +16,7 @@ PACKAGES=(
   lz4                                   # to unpack the kernel once, for a faster boot
   dpkg-dev                              # apt-get download, dpkg-deb
   postgresql                            # the store's tests also run against PostgreSQL
+  chromium                              # the console's end-to-end tests (driven by Playwright)
   python3-venv
 )
 

@@ -44,6 +44,16 @@ class Settings(BaseSettings):
     qemu_img_address_space: int = 1 << 30
     appliance_cache_dir: Path | None = None
     """Where downloaded Debian packages for the appliance are kept; default under state_dir."""
+    listen_address: str = "127.0.0.1"
+    listen_port: int = 8080
+    cookie_secure: bool = True
+    """Session cookies only over HTTPS; browsers treat http://127.0.0.1 and localhost as
+    secure, so this stays on unless the console is served over plain HTTP elsewhere."""
+    admin_password: str | None = Field(default=None, repr=False)
+    """For the first admin account; when unset, one is generated and printed once."""
+    max_upload_bytes: int = 64 << 30
+    sweep_interval: float = 2.0
+    """Seconds between sweeps of every machine's power state."""
     failpoint: str | None = Field(default=None, repr=False)
     """``step:before`` or ``step:after``: SIGKILL this process there. For crash tests only."""
 

@@ -4,7 +4,11 @@
     ├── InvalidInput            the request itself is wrong (400)
     ├── NotFound                an image, machine or host that does not exist (404)
     ├── Conflict                a duplicate name, a running machine, a dependent image (409)
+    │   └── QuotaExceeded       more than the project's quota allows (409)
     ├── InsufficientResources   more memory, CPUs or disk than the host has (409)
+    ├── Unauthenticated         no credentials, or a wrong, revoked or expired one (401)
+    ├── Forbidden               known caller, action outside its role (403)
+    ├── TooManyRequests         too many failed logins; try again later (429)
     ├── UnsafeImage             an image that reaches outside itself, or is not what it says (422)
     ├── CorruptImage            a truncated or damaged image (422)
     ├── StorageError            the storage pool failed (500)
@@ -58,9 +62,32 @@ class Conflict(CorralError):
     http_status = 409
 
 
+class QuotaExceeded(Conflict):
+    pass
+
+
 class InsufficientResources(CorralError):
     exit_code = 4
     http_status = 409
+
+
+class Unauthenticated(CorralError):
+    exit_code = 11
+    http_status = 401
+
+
+class Forbidden(CorralError):
+    exit_code = 12
+    http_status = 403
+
+
+class TooManyRequests(CorralError):
+    exit_code = 13
+    http_status = 429
+
+    def __init__(self, message: str, *, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class UnsafeImage(CorralError):

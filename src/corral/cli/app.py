@@ -8,7 +8,7 @@ import sys
 import typer
 from pydantic import ValidationError
 
-from corral.cli import hosts, images, jobs, vms
+from corral.cli import hosts, images, jobs, server, vms
 from corral.cli.common import OutputOpt, context
 from corral.cli.render import Output, emit, err, error
 from corral.errors import CorralError
@@ -24,6 +24,7 @@ app.add_typer(hosts.app, name="host")
 app.add_typer(images.app, name="image")
 app.add_typer(vms.app, name="vm")
 app.add_typer(jobs.app, name="job")
+app.command()(server.serve)
 
 
 @app.command()

@@ -148,6 +148,11 @@ class ComputeDriver(abc.ABC):
         """The domain's power state, one PowerState per hypervisor state."""
 
     @abc.abstractmethod
+    def power_states(self) -> dict[str, PowerState]:
+        """Every domain's power state by name, in as few round trips as the hypervisor
+        allows: the dashboard sweeps thousands of domains with this."""
+
+    @abc.abstractmethod
     def list_domains(self) -> list[DomainSummary]:
         """Every domain on the host, active and inactive, Corral's or not, by name."""
 

@@ -1,5 +1,15 @@
 """Typed values shared by every layer. Imports nothing else of Corral's but errors."""
 
+from corral.model.account import (
+    DEFAULT_PROJECT,
+    AuditEntry,
+    Event,
+    Project,
+    Quota,
+    Token,
+    Usage,
+    User,
+)
 from corral.model.host import Host, HostFacts
 from corral.model.image import Image, KernelBoot
 from corral.model.job import Job, Step
@@ -11,14 +21,18 @@ from corral.model.states import (
     JobState,
     PowerState,
     RecordState,
+    Role,
     StepState,
 )
 
 __all__ = [
+    "DEFAULT_PROJECT",
     "Accelerator",
+    "AuditEntry",
     "CloneMode",
     "DiskUsage",
     "DomainPlan",
+    "Event",
     "Host",
     "HostFacts",
     "Identity",
@@ -30,7 +44,13 @@ __all__ = [
     "Machine",
     "MachineSpec",
     "PowerState",
+    "Project",
+    "Quota",
     "RecordState",
+    "Role",
     "Step",
     "StepState",
+    "Token",
+    "Usage",
+    "User",
 ]

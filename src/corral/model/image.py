@@ -30,3 +30,5 @@ class Image:
     kernel_boot: KernelBoot | None
     """``None``: the image boots from its own disk."""
     created_at: datetime
+    project: str | None = None
+    """``None``: shared with every project (only an admin adds or removes those)."""

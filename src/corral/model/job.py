@@ -28,3 +28,12 @@ class Job:
     error: str | None
     created_at: datetime
     finished_at: datetime | None
+    project: str | None = None
+    """Whose members may see the job; ``None``: admins only (host and shared-image work)."""
+
+    @property
+    def progress(self) -> float:
+        """Fraction of steps done, 0.0 to 1.0; 1.0 once the job has ended."""
+        if self.state not in (JobState.PENDING, JobState.RUNNING) or not self.steps:
+            return 1.0
+        return sum(s.state is StepState.DONE for s in self.steps) / len(self.steps)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from corral.model.account import DEFAULT_PROJECT
 from corral.model.image import KernelBoot
 from corral.model.states import Accelerator, CloneMode, RecordState
 
@@ -22,6 +23,7 @@ class MachineSpec:
     clone: CloneMode = CloneMode.LINKED
     ssh_keys: tuple[str, ...] = ()
     start: bool = True
+    project: str = DEFAULT_PROJECT
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,3 +78,6 @@ class Machine:
     managed: bool
     created_at: datetime
     ssh_keys: tuple[str, ...] = field(default=())
+    project: str = DEFAULT_PROJECT
+    disk_bytes: int | None = None
+    """The virtual size asked for; ``None`` for adopted machines."""

@@ -46,6 +46,8 @@ class ImageFormat(StrEnum):
 
 
 class JobState(StrEnum):
+    PENDING = "pending"
+    """Written down and accepted; a worker of the same process will run it."""
     RUNNING = "running"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
@@ -57,3 +59,12 @@ class StepState(StrEnum):
     STARTED = "started"
     DONE = "done"
     COMPENSATED = "compensated"
+
+
+class Role(StrEnum):
+    ADMIN = "admin"
+    """Everything, in every project."""
+    OPERATOR = "operator"
+    """Manages machines and images in the projects the user belongs to."""
+    VIEWER = "viewer"
+    """Reads the projects the user belongs to."""

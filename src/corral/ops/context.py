@@ -46,6 +46,14 @@ class Context:
             log.warning("libvirtd is not reachable; interrupted jobs will be recovered later")
 
     @cached_property
+    def owner(self) -> str:
+        """The lock file that marks this process's jobs as alive (see ``ops.jobs``)."""
+        from corral.ops.jobs import OwnerLock
+
+        self._owner_lock = OwnerLock(self.settings.lock_dir)
+        return self._owner_lock.name
+
+    @cached_property
     def driver(self) -> ComputeDriver:
         return load_compute_driver("libvirt", self.settings.host_uri)
 
@@ -63,6 +71,8 @@ class Context:
     def close(self) -> None:
         if "driver" in self.__dict__:
             self.driver.close()
+        if "owner" in self.__dict__:
+            self._owner_lock.release()
         self.store.close()
 
     def __enter__(self) -> Context:

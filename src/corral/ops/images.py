@@ -12,10 +12,10 @@ from typing import Any
 from corral.errors import Conflict, InvalidInput, NotFound
 from corral.identity.names import check_name
 from corral.images.safety import vet_image
-from corral.model import Image, ImageFormat, KernelBoot
+from corral.model import Image, ImageFormat, Job, KernelBoot
 from corral.ops.context import Context
 from corral.ops.hosts import APPLIANCE
-from corral.ops.jobs import PlannedStep, Recovery, job_kind, run_job, step
+from corral.ops.jobs import PlannedStep, Recovery, execute_job, job_kind, prepare_job, step
 from corral.storage import qemu_img
 from corral.store.repository import utcnow
 
@@ -55,6 +55,7 @@ def _record(ctx: Context, a: dict[str, Any]) -> None:
                 virtual_size=a["virtual_size"],
                 kernel_boot=boot,
                 created_at=utcnow(),
+                project=a.get("project"),
             )
         )
 
@@ -69,9 +70,34 @@ def import_image(
     initrd: Path | None = None,
     cmdline: str = "",
     progress: Progress | None = None,
+    project: str | None = None,
 ) -> Image:
     """Inspect ``source`` (hostile until proven otherwise), convert it to a read-only
     qcow2 base in the library and record it. A failure leaves no file and no record."""
+    job = prepare_import(
+        ctx, source, name=name, declared=declared, kernel=kernel, initrd=initrd,
+        cmdline=cmdline, project=project,
+    )
+    ctx.on_progress = progress
+    try:
+        execute_job(ctx, job)
+    finally:
+        ctx.on_progress = None
+    return ctx.store.get_image(job.target)
+
+
+def prepare_import(
+    ctx: Context,
+    source: Path,
+    *,
+    name: str | None = None,
+    declared: ImageFormat | None = None,
+    kernel: Path | None = None,
+    initrd: Path | None = None,
+    cmdline: str = "",
+    project: str | None = None,
+) -> Job:
+    """Vet ``source`` and write its import job down (not run yet)."""
     name = check_name(name or _default_name(source), what="image name")
     if not source.is_file():
         raise NotFound("file", str(source))
@@ -104,18 +130,15 @@ def import_image(
         "paths": paths,
         "extra_sources": extra,
         "kernel_boot": kernel_boot,
+        "project": project,
     }
-    ctx.on_progress = progress
-    try:
-        run_job(
-            ctx,
-            IMPORT,
-            name,
-            [PlannedStep("image.convert", args), PlannedStep("image.record", args)],
-        )
-    finally:
-        ctx.on_progress = None
-    return ctx.store.get_image(name)
+    return prepare_job(
+        ctx,
+        IMPORT,
+        name,
+        [PlannedStep("image.convert", args), PlannedStep("image.record", args)],
+        project=project,
+    )
 
 
 def delete_image(ctx: Context, name: str) -> None:

@@ -1,9 +1,10 @@
 """Jobs: every step is written down before it runs, and each has a compensation.
 
 A step kind is registered by name, so a later process can compensate or finish a job
-from its recorded arguments alone. A running job holds an exclusive ``flock`` on its
-owner file; when the next ``corral`` command finds a job still "running" whose lock
-it can take, the process that ran it is dead, and the job is recovered:
+from its recorded arguments alone. A process holds an exclusive ``flock`` on its
+owner file for as long as it lives (``Context.owner``), and every job it writes names
+that file. When the next ``corral`` command finds a job pending or running whose lock
+it can take, the process that owned it is dead, and the job is recovered:
 
 - kinds that create something (provision, clone) roll back: the started and done
   steps are compensated in reverse order;
@@ -90,44 +91,83 @@ class JobFailed(CorralError):
     """A step failed; the job was rolled back and the original error is the cause."""
 
 
-def run_job(ctx: Context, kind: JobKind, target: str, steps: Sequence[PlannedStep]) -> Job:
-    """Persist the job, then run its steps in order, each outcome committed before the next.
+def run_job(
+    ctx: Context,
+    kind: JobKind,
+    target: str,
+    steps: Sequence[PlannedStep],
+    *,
+    project: str | None = None,
+) -> Job:
+    """Persist the job, then run it (see ``execute_job``)."""
+    return execute_job(ctx, prepare_job(ctx, kind, target, steps, project=project))
 
-    On an error, the steps already started are compensated in reverse and the original
-    error is raised again; cleanup failures are logged, never hide it.
+
+def prepare_job(
+    ctx: Context,
+    kind: JobKind,
+    target: str,
+    steps: Sequence[PlannedStep],
+    *,
+    project: str | None = None,
+) -> Job:
+    """Write the job down, pending, with every step's arguments; run nothing yet.
+
+    The API answers 202 with this job, then a worker of the same process executes it.
     """
     unknown = [s.name for s in steps if s.name not in _STEPS]
     if unknown:
         raise ValueError(f"unregistered steps: {unknown}")
-    with _owner_lock(ctx.settings.lock_dir) as owner:
-        job = ctx.store.create_job(
-            kind.name, target, owner, [Step(s.name, StepState.PENDING, s.args) for s in steps]
-        )
-        try:
-            done: int | None = None
-            for position, planned in enumerate(steps):
-                _failpoint(ctx, planned.name, "before")
-                # The previous step's "done" and this one's "started" share a commit.
-                ctx.store.advance_job(job.id, done=done, started=position)
-                _STEPS[planned.name].run(ctx, planned.args)
-                _failpoint(ctx, planned.name, "after")
-                done = position
-            ctx.store.advance_job(job.id, done=done, started=None)
-        except BaseException as exc:
-            if kind.recovery is Recovery.ROLL_BACK:
-                _roll_back(ctx, ctx.store.get_job(job.id))
-                ctx.store.finish_job(job.id, JobState.ROLLED_BACK, _describe(exc))
-            else:
-                ctx.store.finish_job(job.id, JobState.FAILED, _describe(exc))
-            raise
-        ctx.store.finish_job(job.id, JobState.SUCCEEDED)
-        return ctx.store.get_job(job.id)
+    return ctx.store.create_job(
+        kind.name,
+        target,
+        ctx.owner,
+        [Step(s.name, StepState.PENDING, s.args) for s in steps],
+        project=project,
+    )
+
+
+def execute_job(ctx: Context, job: Job) -> Job:
+    """Run a pending job's steps in order, each outcome committed before the next.
+
+    On an error, the steps already started are compensated in reverse (or, for a
+    roll-forward kind, the job is marked failed) and the original error is raised
+    again; cleanup failures are logged, never hide it.
+    """
+    kind = _JOBS[job.kind]
+    ctx.store.start_job(job.id)
+    _announce(ctx, job, "started", f"{job.kind} of {job.target} started")
+    try:
+        done: int | None = None
+        for position, planned in enumerate(job.steps):
+            _failpoint(ctx, planned.name, "before")
+            # The previous step's "done" and this one's "started" share a commit.
+            ctx.store.advance_job(job.id, done=done, started=position)
+            _STEPS[planned.name].run(ctx, planned.args)
+            _failpoint(ctx, planned.name, "after")
+            done = position
+        ctx.store.advance_job(job.id, done=done, started=None)
+    except BaseException as exc:
+        if kind.recovery is Recovery.ROLL_BACK:
+            _roll_back(ctx, ctx.store.get_job(job.id))
+            ctx.store.finish_job(job.id, JobState.ROLLED_BACK, _describe(exc))
+        else:
+            ctx.store.finish_job(job.id, JobState.FAILED, _describe(exc))
+        _announce(ctx, job, "failed", f"{job.kind} of {job.target} failed: {_describe(exc)}")
+        raise
+    ctx.store.finish_job(job.id, JobState.SUCCEEDED)
+    _announce(ctx, job, "succeeded", f"{job.kind} of {job.target} succeeded")
+    return ctx.store.get_job(job.id)
+
+
+def _announce(ctx: Context, job: Job, what: str, message: str) -> None:
+    ctx.store.add_event(f"job.{what}", job.target, message, job.project)
 
 
 def recover_abandoned(ctx: Context) -> list[Job]:
     """Finish or roll back every job whose process died. Returns the jobs recovered."""
     recovered = []
-    for job in ctx.store.list_jobs(JobState.RUNNING, limit=1000):
+    for job in ctx.store.list_jobs((JobState.PENDING, JobState.RUNNING), limit=1000):
         lock_path = ctx.settings.lock_dir / job.owner
         with _try_lock(lock_path) as free:
             if not free:
@@ -176,18 +216,19 @@ def _describe(exc: BaseException) -> str:
     return str(exc) if isinstance(exc, CorralError) else f"{type(exc).__name__}: {exc}"
 
 
-@contextmanager
-def _owner_lock(lock_dir: Path) -> Iterator[str]:
-    lock_dir.mkdir(parents=True, exist_ok=True)
-    name = f"job-{os.getpid()}-{secrets.token_hex(4)}.lock"
-    path = lock_dir / name
-    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield name
-    finally:
-        path.unlink(missing_ok=True)
-        os.close(fd)
+class OwnerLock:
+    """This process's claim on the jobs it writes, held until ``release`` or death."""
+
+    def __init__(self, lock_dir: Path) -> None:
+        lock_dir.mkdir(parents=True, exist_ok=True)
+        self.name = f"job-{os.getpid()}-{secrets.token_hex(4)}.lock"
+        self._path = lock_dir / self.name
+        self._fd = os.open(self._path, os.O_CREAT | os.O_RDWR, 0o600)
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+
+    def release(self) -> None:
+        self._path.unlink(missing_ok=True)
+        os.close(self._fd)
 
 
 @contextmanager

@@ -8,10 +8,10 @@ from pathlib import Path
 
 from corral.errors import Conflict, CorralError, NotFound
 from corral.identity import allocate_macs, check_name, new_identity
-from corral.model import CloneMode, DiskUsage, Machine, PowerState
+from corral.model import CloneMode, DiskUsage, Job, Machine, PowerState
 from corral.ops import steps as _steps  # noqa: F401  (registers the step kinds)
 from corral.ops.context import Context
-from corral.ops.jobs import PlannedStep, Recovery, job_kind, run_job
+from corral.ops.jobs import PlannedStep, Recovery, execute_job, job_kind, prepare_job
 from corral.ops.machines import console_log, machine_args, new_machine
 
 DELETE = job_kind("delete", Recovery.ROLL_FORWARD)
@@ -46,37 +46,53 @@ def start(ctx: Context, name: str) -> None:
         raise Conflict(f"Machine '{name}' is already running.")
     console_log(ctx, machine.name).unlink(missing_ok=True)
     ctx.driver.start(name)
+    _event(ctx, machine, "started")
 
 
 def stop(ctx: Context, name: str, timeout: float) -> bool:
     """Graceful ACPI shutdown; after ``timeout`` seconds, power off. True if graceful."""
-    ctx.store.get_machine(name)
+    machine = ctx.store.get_machine(name)
     if ctx.driver.state(name) in _OFF:
         return True
     ctx.driver.shutdown(name)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if ctx.driver.state(name) in _OFF:
+            _event(ctx, machine, "stopped")
             return True
         time.sleep(0.2)
     ctx.driver.destroy(name)
+    _event(ctx, machine, "powered off", f"did not shut down within {timeout:g} s")
     return False
 
 
 def reboot(ctx: Context, name: str) -> None:
-    ctx.store.get_machine(name)
+    machine = ctx.store.get_machine(name)
     if ctx.driver.state(name) in _OFF:
         raise Conflict(f"Machine '{name}' is not running; start it instead.")
     ctx.driver.reboot(name)
+    _event(ctx, machine, "rebooted")
 
 
 def kill(ctx: Context, name: str) -> None:
-    ctx.store.get_machine(name)
+    machine = ctx.store.get_machine(name)
     ctx.driver.destroy(name)
+    _event(ctx, machine, "powered off")
+
+
+def _event(ctx: Context, machine: Machine, what: str, why: str | None = None) -> None:
+    message = f"{machine.name} {what}" + (f": {why}" if why else "")
+    ctx.store.add_event(f"machine.{what.replace(' ', '-')}", machine.name, message,
+                        machine.project)
 
 
 def delete(ctx: Context, name: str, *, force: bool = False) -> None:
     """Remove domain, disk, seed, console log and record; refuse a running machine."""
+    execute_job(ctx, prepare_delete(ctx, name, force=force))
+
+
+def prepare_delete(ctx: Context, name: str, *, force: bool = False) -> Job:
+    """Check that ``name`` may be deleted and write its delete job down (not run yet)."""
     machine = ctx.store.get_machine(name)
     try:
         power: PowerState | None = ctx.driver.state(name)
@@ -99,7 +115,7 @@ def delete(ctx: Context, name: str, *, force: bool = False) -> None:
         PlannedStep("file.delete", {"path": str(console_log(ctx, name))}),
         PlannedStep("machine.forget", {"name": name, "identity": {"uuid": uuid}}),
     ]
-    run_job(ctx, DELETE, name, plan)
+    return prepare_job(ctx, DELETE, name, plan, project=machine.project)
 
 
 def clone(ctx: Context, source: str, new: str, mode: CloneMode = CloneMode.LINKED) -> Machine:
@@ -107,6 +123,14 @@ def clone(ctx: Context, source: str, new: str, mode: CloneMode = CloneMode.LINKE
 
     The new machine is left stopped, like its source.
     """
+    execute_job(ctx, prepare_clone(ctx, source, new, mode))
+    return ctx.store.get_machine(new)
+
+
+def prepare_clone(
+    ctx: Context, source: str, new: str, mode: CloneMode = CloneMode.LINKED
+) -> Job:
+    """Check the clone request and write its job down (not run yet)."""
     check_name(new)
     src = ctx.store.get_machine(source)
     if ctx.driver.state(source) not in _OFF:
@@ -126,11 +150,13 @@ def clone(ctx: Context, source: str, new: str, mode: CloneMode = CloneMode.LINKE
         # A linked copy of a full clone stands alone all the same: it has no base.
         clone=mode if src.clone is CloneMode.LINKED else CloneMode.FULL,
         ssh_keys=src.ssh_keys,
+        project=src.project,
+        disk_bytes=ctx.storage.usage(Path(src.disk_path)).virtual_size,
     )
     identity = machine.identity
-    size = ctx.storage.usage(Path(src.disk_path)).virtual_size
+    size = machine.disk_bytes
     args = machine_args(machine)
-    run_job(
+    return prepare_job(
         ctx,
         CLONE,
         new,
@@ -149,5 +175,5 @@ def clone(ctx: Context, source: str, new: str, mode: CloneMode = CloneMode.LINKE
             PlannedStep("domain.define", {"name": new, "uuid": identity.uuid}),
             PlannedStep("machine.ready", {"name": new}),
         ],
+        project=src.project,
     )
-    return ctx.store.get_machine(new)

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from corral.model import (
+    DEFAULT_PROJECT,
     CloneMode,
     DomainPlan,
     Host,
@@ -31,6 +32,8 @@ def machine_args(m: Machine) -> dict[str, Any]:
         "disk_path": m.disk_path,
         "seed_path": m.seed_path,
         "ssh_keys": list(m.ssh_keys),
+        "project": m.project,
+        "disk_bytes": m.disk_bytes,
     }
 
 
@@ -49,6 +52,9 @@ def machine_from_args(a: dict[str, Any]) -> Machine:
         managed=True,
         created_at=utcnow(),
         ssh_keys=tuple(a["ssh_keys"]),
+        # Jobs written before projects existed carry neither key.
+        project=a.get("project", DEFAULT_PROJECT),
+        disk_bytes=a.get("disk_bytes"),
     )
 
 
@@ -84,6 +90,8 @@ def new_machine(
     memory_bytes: int,
     clone: CloneMode,
     ssh_keys: tuple[str, ...],
+    project: str,
+    disk_bytes: int,
 ) -> Machine:
     """The record of a machine about to be provisioned, with its files' paths decided.
 
@@ -104,4 +112,6 @@ def new_machine(
         managed=True,
         created_at=utcnow(),
         ssh_keys=ssh_keys,
+        project=project,
+        disk_bytes=disk_bytes,
     )

@@ -15,16 +15,18 @@ from corral.errors import (
     GuestTimeout,
     InsufficientResources,
     InvalidInput,
+    NotFound,
+    QuotaExceeded,
 )
 from corral.identity import allocate_macs, batch_names, new_identity
-from corral.model import CloneMode, Machine, MachineSpec, PowerState
+from corral.model import CloneMode, Job, Machine, MachineSpec, PowerState
 from corral.model.units import format_size
 from corral.ops import lifecycle
 from corral.ops import steps as _steps  # noqa: F401  (registers the step kinds)
 from corral.ops.console import ReadyReport, read_ready
 from corral.ops.context import Context
 from corral.ops.hosts import local_host
-from corral.ops.jobs import PlannedStep, Recovery, job_kind, run_job
+from corral.ops.jobs import PlannedStep, Recovery, execute_job, job_kind, prepare_job
 from corral.ops.machines import console_log, machine_args, new_machine
 from corral.storage.base import FULL_CLONE, LINKED_CLONE
 
@@ -45,15 +47,27 @@ def create_machines(ctx: Context, spec: MachineSpec, count: int = 1) -> BatchRes
     Nothing is created when the request is invalid. A machine whose job fails is rolled
     back; the others stay, and the result says which failed and why.
     """
+    return provision(ctx, plan_machines(ctx, spec, count), start=spec.start)
+
+
+def plan_machines(ctx: Context, spec: MachineSpec, count: int = 1) -> list[Job]:
+    """Check the batch against names, host and quota, and write one pending job per machine.
+
+    Everything that can be refused is refused here, before a job exists; the API calls
+    this in the request and answers 202 with the jobs.
+    """
     names = batch_names(spec.name, count)
     host, _ = local_host(ctx)
     image = ctx.store.get_image(spec.image)
+    if image.project not in (None, spec.project):
+        raise NotFound("image", spec.image)
     disk_bytes = spec.disk_bytes or image.virtual_size
     wanted = LINKED_CLONE if spec.clone is CloneMode.LINKED else FULL_CLONE
     if wanted not in ctx.storage.capabilities:
         raise InvalidInput(f"This host's storage cannot make a {spec.clone} clone.")
     _check_resources(ctx, spec, disk_bytes, image.virtual_size, host.facts.memory_bytes,
                      host.facts.cpus)
+    _check_quota(ctx, spec, count, disk_bytes)
     taken = ctx.store.taken(names=names) | (set(names) & ctx.driver.domain_names())
     if taken:
         raise Conflict(
@@ -62,8 +76,9 @@ def create_machines(ctx: Context, spec: MachineSpec, count: int = 1) -> BatchRes
         )
 
     macs = allocate_macs(count, lambda candidates: ctx.store.taken(macs=candidates))
-    machines = [
-        new_machine(
+    jobs = []
+    for name, mac in zip(names, macs, strict=True):
+        m = new_machine(
             ctx,
             new_identity(name, mac),
             host=host.name,
@@ -72,11 +87,9 @@ def create_machines(ctx: Context, spec: MachineSpec, count: int = 1) -> BatchRes
             memory_bytes=spec.memory_bytes,
             clone=spec.clone,
             ssh_keys=spec.ssh_keys,
+            project=spec.project,
+            disk_bytes=disk_bytes,
         )
-        for name, mac in zip(names, macs, strict=True)
-    ]
-
-    def provision(m: Machine) -> Machine:
         args = machine_args(m)
         plan = [
             PlannedStep("machine.record", args),
@@ -92,22 +105,51 @@ def create_machines(ctx: Context, spec: MachineSpec, count: int = 1) -> BatchRes
             PlannedStep("domain.define", {"name": m.name, "uuid": m.identity.uuid}),
             PlannedStep("machine.ready", {"name": m.name}),
         ]
-        run_job(ctx, PROVISION, m.name, plan)
-        return ctx.store.get_machine(m.name)
+        jobs.append(prepare_job(ctx, PROVISION, m.name, plan, project=spec.project))
+    return jobs
+
+
+def provision(ctx: Context, jobs: list[Job], *, start: bool) -> BatchResult:
+    """Run the jobs of ``plan_machines``, then start the machines in turn if asked."""
+
+    def run(job: Job) -> Machine:
+        execute_job(ctx, job)
+        return ctx.store.get_machine(job.target)
 
     created: list[Machine] = []
     failed: dict[str, CorralError] = {}
     # Full copies run qemu-img for seconds; a few at once use both cores.
-    with ThreadPoolExecutor(max_workers=min(count, 4)) as pool:
-        futures = {m.name: pool.submit(provision, m) for m in machines}
+    with ThreadPoolExecutor(max_workers=max(1, min(len(jobs), 4))) as pool:
+        futures = {job.target: pool.submit(run, job) for job in jobs}
         for name, future in futures.items():
             try:
                 created.append(future.result())
             except CorralError as exc:
                 failed[name] = exc
-    if spec.start:
+    if start:
         created = _start_in_turn(ctx, created, failed)
     return BatchResult(created=created, failed=failed)
+
+
+def _check_quota(ctx: Context, spec: MachineSpec, count: int, disk: int) -> None:
+    """The whole batch against the project's quota, up front; the store re-checks each
+    machine atomically as it is recorded, so concurrent batches cannot overshoot."""
+    quota = ctx.store.get_project(spec.project).quota
+    used = ctx.store.project_usage(spec.project)
+    asks = (
+        ("machines", quota.machines, used.machines, count, str),
+        ("vCPUs", quota.cpus, used.cpus, count * spec.cpus, str),
+        ("memory", quota.memory_bytes, used.memory_bytes, count * spec.memory_bytes,
+         format_size),
+        ("disk", quota.disk_bytes, used.disk_bytes, count * disk, format_size),
+    )
+    for what, limit, in_use, wanted, show in asks:
+        if limit is not None and in_use + wanted > limit:
+            raise QuotaExceeded(
+                f"Project '{spec.project}' would exceed its {what} quota: "
+                f"{show(in_use)} in use + {show(wanted)} asked > {show(limit)}.",
+                hint="Ask for fewer or smaller machines, or ask an admin to raise the quota.",
+            )
 
 
 def _start_in_turn(

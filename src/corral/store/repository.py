@@ -6,18 +6,22 @@ the database, so two processes racing for the same name cannot both win.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import TypeVar
 
-from sqlalchemy import Engine, delete, select, update
+from sqlalchemy import Engine, Select, delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from corral.errors import Conflict, NotFound
+from corral.errors import Conflict, NotFound, QuotaExceeded
 from corral.model import (
     Accelerator,
+    AuditEntry,
     CloneMode,
+    Event,
     Host,
     HostFacts,
     Identity,
@@ -27,16 +31,56 @@ from corral.model import (
     JobState,
     KernelBoot,
     Machine,
+    Project,
+    Quota,
     RecordState,
+    Role,
     Step,
     StepState,
+    Token,
+    Usage,
+    User,
 )
+from corral.model.units import format_size
 from corral.store.db import make_engine, migrate
-from corral.store.tables import HostRow, ImageRow, JobRow, MachineRow, StepRow
+from corral.store.tables import (
+    AuditRow,
+    EventRow,
+    HostRow,
+    ImageRow,
+    JobRow,
+    MachineRow,
+    MembershipRow,
+    ProjectRow,
+    StepRow,
+    TokenRow,
+    UserRow,
+)
 
 
 def utcnow() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
+
+
+@dataclass(frozen=True, slots=True)
+class MachineFilter:
+    """Which machines a listing shows. ``projects=None`` means every project."""
+
+    projects: Collection[str] | None = None
+    host: str | None = None
+    image: str | None = None
+    state: RecordState | None = None
+    name_prefix: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TokenCredential:
+    """What authenticating a token needs: its owner, its hash and its limits."""
+
+    token: Token
+    secret_sha256: str
+    csrf: str | None
+    user: User
 
 
 class Store:
@@ -100,6 +144,7 @@ class Store:
             initrd=image.kernel_boot.initrd if image.kernel_boot else None,
             cmdline=image.kernel_boot.cmdline if image.kernel_boot else None,
             created_at=image.created_at,
+            project=image.project,
         )
         try:
             with self._tx() as s:
@@ -121,9 +166,13 @@ class Store:
             raise NotFound("image", name, hint="'corral image list' shows the library.")
         return image
 
-    def list_images(self) -> list[Image]:
+    def list_images(self, projects: Collection[str] | None = None) -> list[Image]:
+        """Every image, or the shared ones plus those of ``projects``."""
         with self._tx() as s:
-            return [_image(r) for r in s.scalars(select(ImageRow).order_by(ImageRow.name))]
+            q = select(ImageRow).order_by(ImageRow.name)
+            if projects is not None:
+                q = q.where(ImageRow.project.is_(None) | ImageRow.project.in_(list(projects)))
+            return [_image(r) for r in s.scalars(q)]
 
     def delete_image(self, name: str) -> None:
         try:
@@ -141,9 +190,17 @@ class Store:
     # -- machines ----------------------------------------------------------------------
 
     def add_machine(self, machine: Machine) -> None:
-        """Record a machine; Conflict if its name, UUID or MAC is taken."""
+        """Record a machine; Conflict if its name, UUID or MAC is taken.
+
+        The project's quota is checked in the same transaction as the insert, with the
+        project row locked, so concurrent creations can never exceed it together.
+        """
         try:
             with self._tx() as s:
+                project = s.get(ProjectRow, machine.project, with_for_update=True)
+                if project is None:
+                    raise NotFound("project", machine.project)
+                _check_quota(s, project, machine)
                 s.add(_machine_row(machine))
         except IntegrityError as exc:
             raise Conflict(
@@ -162,12 +219,27 @@ class Store:
             raise NotFound("machine", name, hint="'corral vm list' shows the inventory.")
         return machine
 
-    def list_machines(self, host: str | None = None) -> list[Machine]:
+    def list_machines(
+        self,
+        host: str | None = None,
+        *,
+        where: MachineFilter | None = None,
+        after: str | None = None,
+        limit: int | None = None,
+    ) -> list[Machine]:
+        """Machines in name order; ``after`` and ``limit`` page through them (keyset)."""
+        where = where or MachineFilter(host=host)
         with self._tx() as s:
-            q = select(MachineRow).order_by(MachineRow.name)
-            if host is not None:
-                q = q.where(MachineRow.host == host)
+            q = _filtered(select(MachineRow), where).order_by(MachineRow.name)
+            if after is not None:
+                q = q.where(MachineRow.name > after)
+            if limit is not None:
+                q = q.limit(limit)
             return [_machine(r) for r in s.scalars(q)]
+
+    def count_machines(self, where: MachineFilter) -> int:
+        with self._tx() as s:
+            return s.scalar(_filtered(select(func.count()).select_from(MachineRow), where)) or 0
 
     def taken(self, *, names: Iterable[str] = (), macs: Iterable[str] = ()) -> set[str]:
         """Which of these names and MACs are already recorded."""
@@ -189,15 +261,24 @@ class Store:
 
     # -- jobs --------------------------------------------------------------------------
 
-    def create_job(self, kind: str, target: str, owner: str, steps: Sequence[Step]) -> Job:
-        """Write a job and all its steps before any step runs."""
+    def create_job(
+        self,
+        kind: str,
+        target: str,
+        owner: str,
+        steps: Sequence[Step],
+        *,
+        project: str | None = None,
+    ) -> Job:
+        """Write a job and all its steps, pending, before any step runs."""
         with self._tx() as s:
             row = JobRow(
                 kind=kind,
                 target=target,
                 owner=owner,
-                state=JobState.RUNNING.value,
+                state=JobState.PENDING.value,
                 created_at=utcnow(),
+                project=project,
             )
             row.steps = [
                 StepRow(position=i, name=st.name, state=st.state.value, args=st.args)
@@ -226,6 +307,12 @@ class Store:
                         .values(state=state.value)
                     )
 
+    def start_job(self, job_id: int) -> None:
+        with self._tx() as s:
+            s.execute(
+                update(JobRow).where(JobRow.id == job_id).values(state=JobState.RUNNING.value)
+            )
+
     def finish_job(self, job_id: int, state: JobState, error: str | None = None) -> None:
         with self._tx() as s:
             s.execute(
@@ -241,12 +328,243 @@ class Store:
                 raise NotFound("job", str(job_id), called="with id")
             return _job(row)
 
-    def list_jobs(self, state: JobState | None = None, limit: int = 50) -> list[Job]:
+    def list_jobs(
+        self,
+        state: JobState | Collection[JobState] | None = None,
+        limit: int = 50,
+        *,
+        projects: Collection[str] | None = None,
+        target: str | None = None,
+        before: int | None = None,
+    ) -> list[Job]:
+        """Newest first; ``before`` pages back by id. ``projects=None``: every job."""
         with self._tx() as s:
             q = select(JobRow).order_by(JobRow.id.desc()).limit(limit)
-            if state is not None:
+            if isinstance(state, JobState):
                 q = q.where(JobRow.state == state.value)
+            elif state is not None:
+                q = q.where(JobRow.state.in_([st.value for st in state]))
+            if projects is not None:
+                q = q.where(JobRow.project.in_(list(projects)))
+            if target is not None:
+                q = q.where(JobRow.target == target)
+            if before is not None:
+                q = q.where(JobRow.id < before)
             return [_job(r) for r in s.scalars(q)]
+
+    # -- projects ----------------------------------------------------------------------
+
+    def add_project(self, name: str, quota: Quota) -> Project:
+        try:
+            with self._tx() as s:
+                row = ProjectRow(name=name, created_at=utcnow(), **_quota_columns(quota))
+                s.add(row)
+                s.flush()
+                return _project(row)
+        except IntegrityError as exc:
+            raise Conflict(f"A project named '{name}' already exists.") from exc
+
+    def get_project(self, name: str) -> Project:
+        with self._tx() as s:
+            row = s.get(ProjectRow, name)
+            if row is None:
+                raise NotFound("project", name)
+            return _project(row)
+
+    def list_projects(self, names: Collection[str] | None = None) -> list[Project]:
+        with self._tx() as s:
+            q = select(ProjectRow).order_by(ProjectRow.name)
+            if names is not None:
+                q = q.where(ProjectRow.name.in_(list(names)))
+            return [_project(r) for r in s.scalars(q)]
+
+    def set_quota(self, name: str, quota: Quota) -> Project:
+        with self._tx() as s:
+            row = s.get(ProjectRow, name)
+            if row is None:
+                raise NotFound("project", name)
+            for column, value in _quota_columns(quota).items():
+                setattr(row, column, value)
+            return _project(row)
+
+    def delete_project(self, name: str) -> None:
+        with self._tx() as s:
+            row = s.get(ProjectRow, name)
+            if row is None:
+                raise NotFound("project", name)
+            held = s.scalar(
+                select(func.count()).select_from(MachineRow).where(MachineRow.project == name)
+            ) or 0
+            images = s.scalar(
+                select(func.count()).select_from(ImageRow).where(ImageRow.project == name)
+            ) or 0
+            if held or images:
+                raise Conflict(
+                    f"Project '{name}' still owns {held} machine(s) and {images} image(s).",
+                    hint="Delete them first.",
+                )
+            s.delete(row)
+
+    def project_usage(self, name: str) -> Usage:
+        with self._tx() as s:
+            return _usage(s, name)
+
+    # -- users and tokens --------------------------------------------------------------
+
+    def add_user(
+        self, name: str, password_hash: str, role: Role, projects: Collection[str]
+    ) -> User:
+        try:
+            with self._tx() as s:
+                _require_projects(s, projects)
+                row = UserRow(
+                    name=name, password_hash=password_hash, role=role.value, created_at=utcnow()
+                )
+                row.memberships = [MembershipRow(user=name, project=p) for p in sorted(projects)]
+                s.add(row)
+                s.flush()
+                return _user(row)
+        except IntegrityError as exc:
+            raise Conflict(f"A user named '{name}' already exists.") from exc
+
+    def get_user(self, name: str) -> User:
+        with self._tx() as s:
+            row = s.get(UserRow, name)
+            if row is None:
+                raise NotFound("user", name)
+            return _user(row)
+
+    def password_hash(self, name: str) -> str | None:
+        with self._tx() as s:
+            return s.scalar(select(UserRow.password_hash).where(UserRow.name == name))
+
+    def list_users(self) -> list[User]:
+        with self._tx() as s:
+            return [_user(r) for r in s.scalars(select(UserRow).order_by(UserRow.name))]
+
+    def update_user(
+        self,
+        name: str,
+        *,
+        role: Role | None = None,
+        projects: Collection[str] | None = None,
+        password_hash: str | None = None,
+    ) -> User:
+        with self._tx() as s:
+            row = s.get(UserRow, name)
+            if row is None:
+                raise NotFound("user", name)
+            if role is not None:
+                row.role = role.value
+            if password_hash is not None:
+                row.password_hash = password_hash
+            if projects is not None:
+                _require_projects(s, projects)
+                row.memberships = [MembershipRow(user=name, project=p) for p in sorted(projects)]
+            s.flush()
+            return _user(row)
+
+    def delete_user(self, name: str) -> None:
+        with self._tx() as s:
+            row = s.get(UserRow, name)
+            if row is None:
+                raise NotFound("user", name)
+            s.delete(row)
+
+    def add_token(
+        self,
+        token: Token,
+        secret_sha256: str,
+        csrf: str | None = None,
+    ) -> None:
+        with self._tx() as s:
+            s.add(
+                TokenRow(
+                    id=token.id,
+                    user=token.user,
+                    name=token.name,
+                    secret_sha256=secret_sha256,
+                    csrf=csrf,
+                    created_at=token.created_at,
+                    expires_at=token.expires_at,
+                    revoked_at=token.revoked_at,
+                )
+            )
+
+    def token_credential(self, token_id: str) -> TokenCredential | None:
+        """One query on the hot path of every authenticated request."""
+        with self._tx() as s:
+            row = s.get(TokenRow, token_id)
+            if row is None:
+                return None
+            user = s.get(UserRow, row.user)
+            if user is None:
+                return None
+            return TokenCredential(_token(row), row.secret_sha256, row.csrf, _user(user))
+
+    def list_tokens(self, user: str | None = None) -> list[Token]:
+        with self._tx() as s:
+            q = select(TokenRow).where(TokenRow.csrf.is_(None)).order_by(TokenRow.created_at)
+            if user is not None:
+                q = q.where(TokenRow.user == user)
+            return [_token(r) for r in s.scalars(q)]
+
+    def revoke_token(self, token_id: str) -> Token:
+        with self._tx() as s:
+            row = s.get(TokenRow, token_id)
+            if row is None:
+                raise NotFound("token", token_id, called="with id")
+            if row.revoked_at is None:
+                row.revoked_at = utcnow()
+            return _token(row)
+
+    # -- audit log and events ----------------------------------------------------------
+
+    def add_audit(self, actor: str, action: str, target: str, status: int) -> None:
+        with self._tx() as s:
+            s.add(AuditRow(at=utcnow(), actor=actor, action=action, target=target, status=status))
+
+    def list_audit(self, *, limit: int = 100, before: int | None = None,
+                   actor: str | None = None) -> list[AuditEntry]:
+        with self._tx() as s:
+            q = select(AuditRow).order_by(AuditRow.id.desc()).limit(limit)
+            if before is not None:
+                q = q.where(AuditRow.id < before)
+            if actor is not None:
+                q = q.where(AuditRow.actor == actor)
+            return [
+                AuditEntry(r.id, r.at, r.actor, r.action, r.target, r.status) for r in s.scalars(q)
+            ]
+
+    def add_event(self, kind: str, target: str, message: str, project: str | None) -> None:
+        with self._tx() as s:
+            s.add(EventRow(at=utcnow(), kind=kind, target=target, project=project,
+                           message=message))
+
+    def list_events(
+        self,
+        *,
+        projects: Collection[str] | None = None,
+        target: str | None = None,
+        after: int | None = None,
+        before: int | None = None,
+        limit: int = 100,
+    ) -> list[Event]:
+        """Newest first, or oldest first when following with ``after``."""
+        with self._tx() as s:
+            q = select(EventRow).limit(limit)
+            q = q.order_by(EventRow.id if after is not None else EventRow.id.desc())
+            if projects is not None:
+                q = q.where(EventRow.project.in_(list(projects)))
+            if target is not None:
+                q = q.where(EventRow.target == target)
+            if after is not None:
+                q = q.where(EventRow.id > after)
+            if before is not None:
+                q = q.where(EventRow.id < before)
+            return [
+                Event(r.id, r.at, r.kind, r.target, r.project, r.message) for r in s.scalars(q)
+            ]
 
 
 def _host(row: HostRow) -> Host:
@@ -273,6 +591,7 @@ def _image(row: ImageRow) -> Image:
         virtual_size=row.virtual_size,
         kernel_boot=boot,
         created_at=row.created_at,
+        project=row.project,
     )
 
 
@@ -294,6 +613,8 @@ def _machine_row(m: Machine) -> MachineRow:
         managed=m.managed,
         ssh_keys=list(m.ssh_keys),
         created_at=m.created_at,
+        project=m.project,
+        disk_bytes=m.disk_bytes,
     )
 
 
@@ -314,6 +635,8 @@ def _machine(row: MachineRow) -> Machine:
         managed=row.managed,
         created_at=row.created_at,
         ssh_keys=tuple(row.ssh_keys),
+        project=row.project,
+        disk_bytes=row.disk_bytes,
     )
 
 
@@ -328,4 +651,99 @@ def _job(row: JobRow) -> Job:
         error=row.error,
         created_at=row.created_at,
         finished_at=row.finished_at,
+        project=row.project,
+    )
+
+
+_Q = TypeVar("_Q", Select[MachineRow], Select[int])
+
+
+def _filtered(q: _Q, where: MachineFilter) -> _Q:
+    if where.projects is not None:
+        q = q.where(MachineRow.project.in_(list(where.projects)))
+    if where.host is not None:
+        q = q.where(MachineRow.host == where.host)
+    if where.image is not None:
+        q = q.where(MachineRow.image == where.image)
+    if where.state is not None:
+        q = q.where(MachineRow.record_state == where.state.value)
+    if where.name_prefix:
+        q = q.where(MachineRow.name.startswith(where.name_prefix, autoescape=True))
+    return q
+
+
+def _usage(s: Session, project: str) -> Usage:
+    row = s.execute(
+        select(
+            func.count(),
+            func.coalesce(func.sum(MachineRow.cpus), 0),
+            func.coalesce(func.sum(MachineRow.memory_bytes), 0),
+            func.coalesce(func.sum(MachineRow.disk_bytes), 0),
+        ).where(MachineRow.project == project)
+    ).one()
+    return Usage(machines=row[0], cpus=row[1], memory_bytes=row[2], disk_bytes=row[3] or 0)
+
+
+def _check_quota(s: Session, project: ProjectRow, m: Machine) -> None:
+    quota = _project(project).quota
+    used = _usage(s, project.name)
+    asks = (
+        ("machines", quota.machines, used.machines, 1, str),
+        ("vCPUs", quota.cpus, used.cpus, m.cpus, str),
+        ("memory", quota.memory_bytes, used.memory_bytes, m.memory_bytes, format_size),
+        ("disk", quota.disk_bytes, used.disk_bytes, m.disk_bytes or 0, format_size),
+    )
+    for what, limit, in_use, wanted, show in asks:
+        if limit is not None and in_use + wanted > limit:
+            raise QuotaExceeded(
+                f"Project '{project.name}' would exceed its {what} quota: "
+                f"{show(in_use)} in use + {show(wanted)} asked > {show(limit)}.",
+                hint="Delete machines, or ask an admin to raise the quota.",
+            )
+
+
+def _require_projects(s: Session, names: Collection[str]) -> None:
+    known = set(s.scalars(select(ProjectRow.name).where(ProjectRow.name.in_(list(names)))))
+    missing = sorted(set(names) - known)
+    if missing:
+        raise NotFound("project", missing[0])
+
+
+def _quota_columns(q: Quota) -> dict[str, int | None]:
+    return {
+        "quota_machines": q.machines,
+        "quota_cpus": q.cpus,
+        "quota_memory_bytes": q.memory_bytes,
+        "quota_disk_bytes": q.disk_bytes,
+    }
+
+
+def _project(row: ProjectRow) -> Project:
+    quota = Quota(
+        machines=row.quota_machines,
+        cpus=row.quota_cpus,
+        memory_bytes=row.quota_memory_bytes,
+        disk_bytes=row.quota_disk_bytes,
+    )
+    return Project(name=row.name, quota=quota, created_at=row.created_at)
+
+
+def _user(row: UserRow) -> User:
+    return User(
+        name=row.name,
+        role=Role(row.role),
+        projects=tuple(m.project for m in row.memberships),
+        created_at=row.created_at,
+    )
+
+
+def _token(row: TokenRow) -> Token:
+    return Token(
+        id=row.id,
+        user=row.user,
+        name=row.name,
+        session=row.csrf is not None,
+        created_at=row.created_at,
+        expires_at=row.expires_at,
+        revoked_at=row.revoked_at,
     )

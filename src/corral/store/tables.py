@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, ClassVar
 
-from sqlalchemy import JSON, BigInteger, ForeignKey, Integer, String, Text
+from sqlalchemy import JSON, BigInteger, ForeignKey, Index, Integer, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -42,6 +42,7 @@ class ImageRow(Base):
     initrd: Mapped[str | None] = mapped_column(Text)
     cmdline: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime]
+    project: Mapped[str | None] = mapped_column(ForeignKey("projects.name", ondelete="RESTRICT"))
 
 
 class MachineRow(Base):
@@ -64,6 +65,10 @@ class MachineRow(Base):
     managed: Mapped[bool]
     ssh_keys: Mapped[list[str]]
     created_at: Mapped[datetime]
+    project: Mapped[str] = mapped_column(
+        ForeignKey("projects.name", ondelete="RESTRICT"), index=True
+    )
+    disk_bytes: Mapped[int | None]
 
 
 class JobRow(Base):
@@ -78,6 +83,7 @@ class JobRow(Base):
     error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime]
     finished_at: Mapped[datetime | None]
+    project: Mapped[str | None] = mapped_column(String(63), index=True)
     steps: Mapped[list[StepRow]] = relationship(
         order_by="StepRow.position", cascade="all, delete-orphan", lazy="selectin"
     )
@@ -93,3 +99,75 @@ class StepRow(Base):
     name: Mapped[str] = mapped_column(String(64))
     state: Mapped[str] = mapped_column(String(16))
     args: Mapped[dict[str, Any]]
+
+
+class ProjectRow(Base):
+    __tablename__ = "projects"
+
+    name: Mapped[str] = mapped_column(String(63), primary_key=True)
+    quota_machines: Mapped[int | None]
+    quota_cpus: Mapped[int | None]
+    quota_memory_bytes: Mapped[int | None]
+    quota_disk_bytes: Mapped[int | None]
+    created_at: Mapped[datetime]
+
+
+class UserRow(Base):
+    __tablename__ = "users"
+
+    name: Mapped[str] = mapped_column(String(63), primary_key=True)
+    password_hash: Mapped[str] = mapped_column(Text)
+    role: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime]
+    memberships: Mapped[list[MembershipRow]] = relationship(
+        cascade="all, delete-orphan", lazy="selectin"
+    )
+
+
+class MembershipRow(Base):
+    __tablename__ = "memberships"
+
+    user: Mapped[str] = mapped_column(
+        ForeignKey("users.name", ondelete="CASCADE"), primary_key=True
+    )
+    project: Mapped[str] = mapped_column(
+        ForeignKey("projects.name", ondelete="CASCADE"), primary_key=True
+    )
+
+
+class TokenRow(Base):
+    __tablename__ = "tokens"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    user: Mapped[str] = mapped_column(ForeignKey("users.name", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(63))
+    secret_sha256: Mapped[str] = mapped_column(String(64))
+    """Tokens are 256 random bits, so a fast hash is enough (unlike passwords)."""
+    csrf: Mapped[str | None] = mapped_column(String(64))
+    """Set for browser sessions: the value every cookie-authenticated change must echo."""
+    created_at: Mapped[datetime]
+    expires_at: Mapped[datetime | None]
+    revoked_at: Mapped[datetime | None]
+
+
+class AuditRow(Base):
+    __tablename__ = "audit"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(index=True)
+    actor: Mapped[str] = mapped_column(String(63))
+    action: Mapped[str] = mapped_column(String(128))
+    target: Mapped[str] = mapped_column(Text)
+    status: Mapped[int] = mapped_column(Integer)
+
+
+class EventRow(Base):
+    __tablename__ = "events"
+    __table_args__ = (Index("ix_events_target", "target", "id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime]
+    kind: Mapped[str] = mapped_column(String(32))
+    target: Mapped[str] = mapped_column(String(255))
+    project: Mapped[str | None] = mapped_column(String(63), index=True)
+    message: Mapped[str] = mapped_column(Text)

@@ -161,6 +161,8 @@ def test_job_steps_are_persisted_in_order(store: Store) -> None:
         ("one", StepState.PENDING, {"x": 1}),
         ("two", StepState.STARTED, {}),
     ]
+    assert [j.id for j in store.list_jobs(JobState.PENDING)] == [job.id]
+    store.start_job(job.id)
     assert [j.id for j in store.list_jobs(JobState.RUNNING)] == [job.id]
     store.finish_job(job.id, JobState.SUCCEEDED)
     assert store.list_jobs(JobState.RUNNING) == []

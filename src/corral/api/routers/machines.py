@@ -1,0 +1,183 @@
+"""Machines: list, create (also in batches), power, clone, delete.
+
+Another project's machine is invisible: it answers 404, exactly like a machine that
+does not exist, so names in other projects cannot be probed.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+
+from corral.api.deps import Caller, ServicesDep
+from corral.api.problems import documented
+from corral.api.schemas import (
+    Accepted,
+    JobOut,
+    MachineClone,
+    MachineCreate,
+    MachineDetail,
+    MachineOut,
+    Name,
+    Page,
+    UsageOut,
+)
+from corral.errors import NotFound
+from corral.model import Machine, MachineSpec, RecordState
+from corral.ops import lifecycle, provision
+from corral.ops.accounts import Principal
+from corral.ops.context import Context
+from corral.ops.jobs import execute_job
+from corral.store.repository import MachineFilter
+
+router = APIRouter(
+    prefix="/machines", tags=["machines"], responses=documented(401, 403, 404, 422, 503)
+)
+
+
+def visible(ctx: Context, caller: Principal, name: str) -> Machine:
+    machine = ctx.store.find_machine(name)
+    if machine is None or not caller.can_read(machine.project):
+        raise NotFound("machine", name)
+    return machine
+
+
+def _detail(svc: ServicesDep, machine: Machine) -> MachineDetail:
+    status = lifecycle.status(svc.ctx, machine)
+    return MachineDetail(
+        **MachineOut.of(machine, status.power).model_dump(),
+        instance_id=machine.identity.instance_id,
+        disk_path=machine.disk_path,
+        ssh_keys=len(machine.ssh_keys),
+        usage=UsageOut.of(status.usage) if status.usage else None,
+    )
+
+
+@router.get("", summary="List machines, a page at a time")
+def list_machines(
+    caller: Caller,
+    svc: ServicesDep,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    after: Annotated[str | None, Query(max_length=63, description="Last name seen.")] = None,
+    project: Name | None = None,
+    host: Name | None = None,
+    image: Name | None = None,
+    state: RecordState | None = None,
+    prefix: Annotated[str | None, Query(max_length=63, description="Name prefix.")] = None,
+) -> Page[MachineOut]:
+    projects = caller.projects
+    if project is not None:
+        projects = [project] if projects is None or project in projects else []
+    where = MachineFilter(projects=projects, host=host, image=image, state=state,
+                          name_prefix=prefix)
+    store = svc.ctx.store
+    machines = store.list_machines(where=where, after=after, limit=limit)
+    items = [MachineOut.of(m, svc.sweeper.state(m.name)) for m in machines]
+    more = len(machines) == limit
+    return Page(items=items, next=machines[-1].name if more else None,
+                total=store.count_machines(where))
+
+
+@router.post(
+    "", status_code=202, summary="Create machines; answers with one job per machine",
+    responses=documented(409, 507),
+)
+def create_machines(body: MachineCreate, caller: Caller, svc: ServicesDep) -> Accepted:
+    ctx = svc.ctx
+    project = body.project or caller.home_project()
+    if not caller.can_read(project):
+        raise NotFound("project", project)
+    caller.require_manage(project)
+    if body.host is not None:
+        caller.require_admin()
+        if ctx.store.find_host(body.host) is None:
+            raise NotFound("host", body.host)
+    spec = MachineSpec(
+        name=body.name,
+        image=body.image,
+        cpus=body.cpus,
+        memory_bytes=body.memory_bytes,
+        disk_bytes=body.disk_bytes,
+        clone=body.clone,
+        ssh_keys=tuple(body.ssh_keys),
+        start=body.start,
+        project=project,
+    )
+    jobs = provision.plan_machines(ctx, spec, body.count)
+    svc.worker.submit(
+        f"creating {body.name}", partial(provision.provision, ctx, jobs, start=body.start)
+    )
+    return Accepted(jobs=[JobOut.of(j) for j in jobs])
+
+
+@router.get("/{name}", summary="One machine, with live state and disk usage")
+def get_machine(name: Name, caller: Caller, svc: ServicesDep) -> MachineDetail:
+    return _detail(svc, visible(svc.ctx, caller, name))
+
+
+def _power(action: str, svc: ServicesDep, caller: Principal, name: str, *,
+           timeout: float | None = None) -> MachineDetail:
+    machine = visible(svc.ctx, caller, name)
+    caller.require_manage(machine.project)
+    ctx = svc.ctx
+    if action == "start":
+        lifecycle.start(ctx, name)
+    elif action == "stop":
+        lifecycle.stop(ctx, name, timeout if timeout is not None else ctx.settings.stop_timeout)
+    elif action == "reboot":
+        lifecycle.reboot(ctx, name)
+    else:
+        lifecycle.kill(ctx, name)
+    svc.sweeper.sweep()
+    return _detail(svc, machine)
+
+
+@router.post("/{name}/start", summary="Power on", responses=documented(409))
+def start(name: Name, caller: Caller, svc: ServicesDep) -> MachineDetail:
+    return _power("start", svc, caller, name)
+
+
+@router.post("/{name}/stop", summary="ACPI shutdown; power off after the timeout")
+def stop(
+    name: Name,
+    caller: Caller,
+    svc: ServicesDep,
+    timeout: Annotated[float | None, Query(ge=0, le=600)] = None,
+) -> MachineDetail:
+    return _power("stop", svc, caller, name, timeout=timeout)
+
+
+@router.post("/{name}/reboot", summary="ACPI reboot", responses=documented(409))
+def reboot(name: Name, caller: Caller, svc: ServicesDep) -> MachineDetail:
+    return _power("reboot", svc, caller, name)
+
+
+@router.post("/{name}/kill", summary="Power off at once")
+def kill(name: Name, caller: Caller, svc: ServicesDep) -> MachineDetail:
+    return _power("kill", svc, caller, name)
+
+
+@router.post(
+    "/{name}/clone", status_code=202, summary="Clone a stopped machine",
+    responses=documented(409, 507),
+)
+def clone(name: Name, body: MachineClone, caller: Caller, svc: ServicesDep) -> Accepted:
+    source = visible(svc.ctx, caller, name)
+    caller.require_manage(source.project)
+    job = lifecycle.prepare_clone(svc.ctx, name, body.name, body.clone)
+    svc.worker.submit(f"cloning {name}", execute_job, svc.ctx, job)
+    return Accepted(jobs=[JobOut.of(job)])
+
+
+@router.delete(
+    "/{name}", status_code=202, summary="Delete a machine and its disks",
+    responses=documented(409),
+)
+def delete(name: Name, caller: Caller, svc: ServicesDep, force: bool = False) -> Accepted:
+    machine = visible(svc.ctx, caller, name)
+    caller.require_manage(machine.project)
+    job = lifecycle.prepare_delete(svc.ctx, name, force=force)
+    svc.worker.submit(f"deleting {name}", execute_job, svc.ctx, job)
+    return Accepted(jobs=[JobOut.of(job)])

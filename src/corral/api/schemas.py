@@ -1,0 +1,396 @@
+"""What the API reads and writes. Create schemas forbid unknown fields, so a client
+cannot slip in an owner, a UUID or a disk path (mass assignment)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Generic, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from corral.model import (
+    AuditEntry,
+    CloneMode,
+    Event,
+    Host,
+    Image,
+    Job,
+    Machine,
+    PowerState,
+    Project,
+    Quota,
+    RecordState,
+    Role,
+    Token,
+    Usage,
+    User,
+)
+from corral.model.machine import DiskUsage
+
+Name = Annotated[str, StringConstraints(pattern=r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")]
+T = TypeVar("T")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Page(BaseModel, Generic[T]):
+    items: list[T]
+    next: str | None = Field(description="Pass as 'after' (or 'before') for the next page.")
+    total: int | None = Field(default=None, description="Matching items in all pages.")
+
+
+# -- hosts -----------------------------------------------------------------------------
+
+
+class HostOut(BaseModel):
+    name: str
+    uri: str
+    state: str = Field(description="up, or down when libvirtd does not answer.")
+    accelerator: str
+    accelerator_note: str
+    cpu_model: str
+    cpus: int
+    memory_bytes: int
+    pool_name: str
+    pool_path: str
+    disk_bytes: int | None = Field(description="Capacity of the pool's filesystem.")
+    disk_free_bytes: int | None
+    used_cpus: int = Field(description="vCPUs of the machines recorded on this host.")
+    used_memory_bytes: int
+    used_disk_bytes: int = Field(description="Virtual disk sizes of its machines.")
+    machines: int
+
+    @classmethod
+    def of(
+        cls,
+        host: Host,
+        *,
+        up: bool,
+        disk: tuple[int, int] | None,
+        used: Usage,
+    ) -> HostOut:
+        return cls(
+            name=host.name,
+            uri=host.uri,
+            state="up" if up else "down",
+            accelerator=host.accelerator.value,
+            accelerator_note=host.accelerator_note,
+            cpu_model=host.facts.cpu_model,
+            cpus=host.facts.cpus,
+            memory_bytes=host.facts.memory_bytes,
+            pool_name=host.pool_name,
+            pool_path=host.pool_path,
+            disk_bytes=disk[0] if disk else None,
+            disk_free_bytes=disk[1] if disk else None,
+            used_cpus=used.cpus,
+            used_memory_bytes=used.memory_bytes,
+            used_disk_bytes=used.disk_bytes,
+            machines=used.machines,
+        )
+
+
+# -- images ----------------------------------------------------------------------------
+
+
+class ImageOut(BaseModel):
+    name: str
+    project: str | None = Field(description="null: shared with every project.")
+    source_format: str
+    sha256: str
+    virtual_size: int
+    kernel_boot: bool
+    created_at: datetime
+
+    @classmethod
+    def of(cls, image: Image) -> ImageOut:
+        return cls(
+            name=image.name,
+            project=image.project,
+            source_format=image.source_format.value,
+            sha256=image.sha256,
+            virtual_size=image.virtual_size,
+            kernel_boot=image.kernel_boot is not None,
+            created_at=image.created_at,
+        )
+
+
+# -- machines --------------------------------------------------------------------------
+
+
+class MachineCreate(Strict):
+    name: Name
+    image: Name
+    count: int = Field(default=1, ge=1, le=100, description="Names become NAME-1…NAME-N.")
+    cpus: int = Field(default=1, ge=1, le=64)
+    memory_bytes: int = Field(default=256 << 20, ge=64 << 20, le=1 << 40)
+    disk_bytes: int | None = Field(
+        default=None, ge=1 << 20, le=1 << 44, description="null: the image's virtual size."
+    )
+    clone: CloneMode = CloneMode.LINKED
+    ssh_keys: list[Annotated[str, StringConstraints(max_length=8192)]] = Field(
+        default_factory=list, max_length=16
+    )
+    start: bool = True
+    project: Name | None = Field(default=None, description="null: the caller's own project.")
+    host: Name | None = Field(default=None, description="Admins only.")
+
+
+class MachineClone(Strict):
+    name: Name
+    clone: CloneMode = CloneMode.LINKED
+
+
+class UsageOut(BaseModel):
+    virtual_size: int
+    owned_bytes: int
+    shared_bytes: int
+
+    @classmethod
+    def of(cls, usage: DiskUsage) -> UsageOut:
+        return cls(
+            virtual_size=usage.virtual_size,
+            owned_bytes=usage.owned_bytes,
+            shared_bytes=usage.shared_bytes,
+        )
+
+
+class MachineOut(BaseModel):
+    name: str
+    project: str
+    host: str
+    image: str | None
+    cpus: int
+    memory_bytes: int
+    disk_bytes: int | None
+    clone: CloneMode | None
+    uuid: str
+    mac: str | None
+    hostname: str
+    record_state: RecordState
+    power: PowerState | None = Field(
+        description="From the latest sweep of the host; null when the domain is missing."
+    )
+    managed: bool
+    created_at: datetime
+
+    @classmethod
+    def of(cls, m: Machine, power: PowerState | None) -> MachineOut:
+        return cls(
+            name=m.name,
+            project=m.project,
+            host=m.host,
+            image=m.image,
+            cpus=m.cpus,
+            memory_bytes=m.memory_bytes,
+            disk_bytes=m.disk_bytes,
+            clone=m.clone,
+            uuid=m.identity.uuid,
+            mac=m.identity.mac,
+            hostname=m.identity.hostname,
+            record_state=m.record_state,
+            power=power,
+            managed=m.managed,
+            created_at=m.created_at,
+        )
+
+
+class MachineDetail(MachineOut):
+    instance_id: str
+    disk_path: str
+    ssh_keys: int = Field(description="How many SSH keys its seed carries.")
+    usage: UsageOut | None
+
+
+# -- jobs and events -------------------------------------------------------------------
+
+
+class StepOut(BaseModel):
+    name: str
+    state: str
+
+
+class JobOut(BaseModel):
+    id: int
+    kind: str
+    target: str
+    project: str | None
+    state: str
+    progress: float = Field(ge=0, le=1)
+    error: str | None
+    steps: list[StepOut]
+    created_at: datetime
+    finished_at: datetime | None
+
+    @classmethod
+    def of(cls, job: Job) -> JobOut:
+        return cls(
+            id=job.id,
+            kind=job.kind,
+            target=job.target,
+            project=job.project,
+            state=job.state.value,
+            progress=job.progress,
+            error=job.error,
+            steps=[StepOut(name=s.name, state=s.state.value) for s in job.steps],
+            created_at=job.created_at,
+            finished_at=job.finished_at,
+        )
+
+
+class Accepted(BaseModel):
+    """A long operation was accepted: follow its jobs at /jobs/{id} or /jobs/{id}/stream."""
+
+    jobs: list[JobOut]
+
+
+class EventOut(BaseModel):
+    id: int
+    at: datetime
+    kind: str
+    target: str
+    project: str | None
+    message: str
+
+    @classmethod
+    def of(cls, e: Event) -> EventOut:
+        return cls(id=e.id, at=e.at, kind=e.kind, target=e.target, project=e.project,
+                   message=e.message)
+
+
+class AuditOut(BaseModel):
+    id: int
+    at: datetime
+    actor: str
+    action: str
+    target: str
+    status: int
+
+    @classmethod
+    def of(cls, a: AuditEntry) -> AuditOut:
+        return cls(id=a.id, at=a.at, actor=a.actor, action=a.action, target=a.target,
+                   status=a.status)
+
+
+# -- accounts --------------------------------------------------------------------------
+
+
+class Login(Strict):
+    name: Annotated[str, StringConstraints(min_length=1, max_length=63)]
+    password: Annotated[str, StringConstraints(min_length=1, max_length=1024)]
+
+
+class TokenCreate(Strict):
+    name: Name = "api"
+    expires_in: int | None = Field(
+        default=None, ge=60, le=10 * 365 * 86400, description="Seconds; null: never expires."
+    )
+
+
+class TokenLogin(Login):
+    token_name: Name = "cli"  # noqa: S105  (a label, not a secret)
+    expires_in: int | None = Field(
+        default=None, ge=60, le=10 * 365 * 86400, description="Seconds; null: never expires."
+    )
+
+
+class TokenOut(BaseModel):
+    id: str
+    user: str
+    name: str
+    created_at: datetime
+    expires_at: datetime | None
+    revoked_at: datetime | None
+
+    @classmethod
+    def of(cls, t: Token) -> TokenOut:
+        return cls(id=t.id, user=t.user, name=t.name, created_at=t.created_at,
+                   expires_at=t.expires_at, revoked_at=t.revoked_at)
+
+
+class TokenIssued(TokenOut):
+    token: str = Field(description="The secret; shown only in this answer.")
+
+    @classmethod
+    def issued(cls, t: Token, secret: str) -> TokenIssued:
+        return cls(**TokenOut.of(t).model_dump(), token=secret)
+
+
+class SessionOut(BaseModel):
+    user: UserOut
+    csrf_token: str | None = Field(description="Echo in X-CSRF-Token on cookie-made changes.")
+
+
+class UserCreate(Strict):
+    name: Name
+    password: Annotated[str, StringConstraints(min_length=10, max_length=1024)]
+    role: Role
+    projects: list[Name] = Field(default_factory=list, max_length=100)
+
+
+class UserUpdate(Strict):
+    role: Role | None = None
+    projects: list[Name] | None = Field(default=None, max_length=100)
+    password: Annotated[str, StringConstraints(min_length=10, max_length=1024)] | None = None
+
+
+class UserOut(BaseModel):
+    name: str
+    role: Role
+    projects: list[str]
+    created_at: datetime
+
+    @classmethod
+    def of(cls, u: User) -> UserOut:
+        return cls(name=u.name, role=u.role, projects=list(u.projects), created_at=u.created_at)
+
+
+class QuotaIn(Strict):
+    machines: int | None = Field(default=None, ge=0, le=1_000_000)
+    cpus: int | None = Field(default=None, ge=0, le=100_000_000)
+    memory_bytes: int | None = Field(default=None, ge=0, le=1 << 60)
+    disk_bytes: int | None = Field(default=None, ge=0, le=1 << 60)
+
+    def to_quota(self) -> Quota:
+        return Quota(self.machines, self.cpus, self.memory_bytes, self.disk_bytes)
+
+
+class ProjectCreate(Strict):
+    name: Name
+    quota: QuotaIn = Field(default_factory=QuotaIn)
+
+
+class UsageCounts(BaseModel):
+    machines: int
+    cpus: int
+    memory_bytes: int
+    disk_bytes: int
+
+
+class ProjectOut(BaseModel):
+    name: str
+    quota: QuotaIn
+    usage: UsageCounts
+    created_at: datetime
+
+    @classmethod
+    def of(cls, p: Project, used: Usage) -> ProjectOut:
+        q = p.quota
+        return cls(
+            name=p.name,
+            quota=QuotaIn(machines=q.machines, cpus=q.cpus, memory_bytes=q.memory_bytes,
+                          disk_bytes=q.disk_bytes),
+            usage=UsageCounts(machines=used.machines, cpus=used.cpus,
+                              memory_bytes=used.memory_bytes, disk_bytes=used.disk_bytes),
+            created_at=p.created_at,
+        )
+
+
+class PoolOut(BaseModel):
+    name: str
+    host: str
+    type: str
+    path: str
+    capacity_bytes: int | None
+    free_bytes: int | None

@@ -1,0 +1,133 @@
+"""What the server keeps for its lifetime: one context, a job worker, the power sweeper
+and the login throttle."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from corral.errors import CorralError, TooManyRequests
+from corral.model import PowerState
+from corral.ops.context import Context
+
+log = logging.getLogger(__name__)
+
+
+class JobWorker:
+    """Runs accepted jobs after the request that wrote them has answered 202.
+
+    On shutdown, jobs not yet begun stay pending in the store under this process's
+    owner lock; the next start recovers them like any interrupted job.
+    """
+
+    def __init__(self, max_workers: int = 4) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="corral-job")
+
+    def submit(self, what: str, fn: Callable[..., Any], *args: Any) -> None:
+        def report(future: Future[Any]) -> None:
+            exc = future.exception()
+            if isinstance(exc, CorralError):
+                log.warning("%s failed: %s", what, exc)
+            elif exc is not None:
+                log.error("%s failed unexpectedly", what, exc_info=exc)
+
+        self._pool.submit(fn, *args).add_done_callback(report)
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+class PowerSweeper:
+    """Every machine's power state, refreshed in the background with one bulk call.
+
+    Listings read the last sweep instead of asking libvirt per machine per request.
+    """
+
+    def __init__(self, ctx: Context, interval: float) -> None:
+        self._ctx = ctx
+        self._interval = interval
+        self._states: dict[str, PowerState] = {}
+        self.swept_at: float | None = None
+        self.healthy = False
+        """Whether the last sweep reached the host's libvirtd."""
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="corral-sweep", daemon=True)
+
+    def start(self) -> None:
+        self.sweep()
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def sweep(self) -> dict[str, PowerState]:
+        try:
+            self._states = self._ctx.driver.power_states()
+            self.swept_at = time.monotonic()
+            self.healthy = True
+        except CorralError as exc:
+            self.healthy = False
+            log.warning("power sweep failed: %s", exc)
+        return self._states
+
+    def state(self, name: str) -> PowerState | None:
+        return self._states.get(name)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self._interval):
+            self.sweep()
+
+
+@dataclass
+class LoginThrottle:
+    """At most ``attempts`` failed logins per user name and per client address within
+    ``window`` seconds; further tries are refused (429) until the window moves on."""
+
+    attempts: int = 5
+    window: float = 60.0
+    _failures: dict[str, deque[float]] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def check(self, *keys: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            for key in keys:
+                recent = self._recent(key, now)
+                if len(recent) >= self.attempts:
+                    retry = int(recent[0] + self.window - now) + 1
+                    raise TooManyRequests(
+                        f"Too many failed logins; try again in {retry} s.", retry_after=retry
+                    )
+
+    def failed(self, *keys: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            for key in keys:
+                self._recent(key, now).append(now)
+
+    def succeeded(self, *keys: str) -> None:
+        with self._lock:
+            for key in keys:
+                self._failures.pop(key, None)
+
+    def _recent(self, key: str, now: float) -> deque[float]:
+        recent = self._failures.setdefault(key, deque())
+        while recent and recent[0] <= now - self.window:
+            recent.popleft()
+        return recent
+
+
+@dataclass
+class Services:
+    ctx: Context
+    worker: JobWorker
+    sweeper: PowerSweeper
+    throttle: LoginThrottle

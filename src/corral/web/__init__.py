@@ -1,0 +1,1 @@
+"""The web console: server-rendered pages with htmx, served beside the API."""

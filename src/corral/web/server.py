@@ -1,0 +1,12 @@
+"""The whole server: the REST API plus the web console, in one ASGI app."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from corral.api import create_app
+from corral.config import Settings
+
+
+def build_app(settings: Settings) -> FastAPI:
+    return create_app(settings)
