@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHES = ["clone_define", "create_overhead", "boot", "batch"]
+BENCHES = ["clone_define", "create_overhead", "boot", "batch", "api_list", "state_sweep"]
 
 
 def main() -> None:

@@ -11,7 +11,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event, inspect, text
+from sqlalchemy import Connection, Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -24,13 +24,22 @@ def make_engine(url: str) -> Engine:
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"timeout": 30})
+        # A pool as large as the server's thread pool: a connection opened past the pool
+        # is closed after one use, and opening one (with its pragmas) costs a millisecond.
+        engine = create_engine(url, connect_args={"timeout": 30}, pool_size=40,
+                               max_overflow=10)
         event.listen(engine, "connect", _sqlite_pragmas)
         # pysqlite's own transaction handling defers BEGIN; issue it ourselves so that
-        # "BEGIN IMMEDIATE" takes the write lock up front and readers never deadlock.
-        event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
+        # "BEGIN IMMEDIATE" takes the write lock up front and writers never deadlock.
+        # Read-only sessions begin deferred: under WAL they neither wait nor block.
+        event.listen(engine, "begin", _begin)
         return engine
     return create_engine(url, pool_pre_ping=True)
+
+
+def _begin(conn: Connection) -> None:
+    read_only = conn.get_execution_options().get("corral_read_only", False)
+    conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

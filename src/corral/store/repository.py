@@ -10,9 +10,9 @@ from collections.abc import Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TypeVar
+from typing import Any, TypeVar
 
-from sqlalchemy import Engine, Select, delete, func, select, update
+from sqlalchemy import Engine, Row, Select, String, delete, func, select, type_coerce, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -88,6 +88,9 @@ class Store:
         self.engine: Engine = make_engine(url)
         migrate(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        # Reads take no write lock (SQLite: a deferred BEGIN; see store.db).
+        self._read_engine = self.engine.execution_options(corral_read_only=True)
+        self._readers = sessionmaker(self._read_engine, expire_on_commit=False)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -95,6 +98,11 @@ class Store:
     @contextmanager
     def _tx(self) -> Iterator[Session]:
         with self._sessions.begin() as session:
+            yield session
+
+    @contextmanager
+    def _read(self) -> Iterator[Session]:
+        with self._readers.begin() as session:
             yield session
 
     # -- hosts -------------------------------------------------------------------------
@@ -123,12 +131,12 @@ class Store:
             )
 
     def find_host(self, name: str) -> Host | None:
-        with self._tx() as s:
+        with self._read() as s:
             row = s.get(HostRow, name)
             return None if row is None else _host(row)
 
     def list_hosts(self) -> list[Host]:
-        with self._tx() as s:
+        with self._read() as s:
             return [_host(r) for r in s.scalars(select(HostRow).order_by(HostRow.name))]
 
     # -- images ------------------------------------------------------------------------
@@ -156,7 +164,7 @@ class Store:
             ) from exc
 
     def find_image(self, name: str) -> Image | None:
-        with self._tx() as s:
+        with self._read() as s:
             row = s.get(ImageRow, name)
             return None if row is None else _image(row)
 
@@ -168,7 +176,7 @@ class Store:
 
     def list_images(self, projects: Collection[str] | None = None) -> list[Image]:
         """Every image, or the shared ones plus those of ``projects``."""
-        with self._tx() as s:
+        with self._read() as s:
             q = select(ImageRow).order_by(ImageRow.name)
             if projects is not None:
                 q = q.where(ImageRow.project.is_(None) | ImageRow.project.in_(list(projects)))
@@ -183,7 +191,7 @@ class Store:
             raise Conflict(f"Image '{name}' is still used by: {users}.") from exc
 
     def machines_using_image(self, name: str) -> list[str]:
-        with self._tx() as s:
+        with self._read() as s:
             q = select(MachineRow.name).where(MachineRow.image == name).order_by(MachineRow.name)
             return list(s.scalars(q))
 
@@ -209,7 +217,7 @@ class Store:
             ) from exc
 
     def find_machine(self, name: str) -> Machine | None:
-        with self._tx() as s:
+        with self._read() as s:
             row = s.get(MachineRow, name)
             return None if row is None else _machine(row)
 
@@ -227,23 +235,52 @@ class Store:
         after: str | None = None,
         limit: int | None = None,
     ) -> list[Machine]:
-        """Machines in name order; ``after`` and ``limit`` page through them (keyset)."""
+        """Machines in name order; ``after`` and ``limit`` page through them (keyset).
+
+        Reads plain rows rather than ORM objects: this is the API's busiest query,
+        and loading objects costs it five times as much.
+        """
         where = where or MachineFilter(host=host)
-        with self._tx() as s:
+        with self._read() as s:
             q = _filtered(select(MachineRow), where).order_by(MachineRow.name)
             if after is not None:
                 q = q.where(MachineRow.name > after)
             if limit is not None:
                 q = q.limit(limit)
-            return [_machine(r) for r in s.scalars(q)]
+            rows = s.execute(q.with_only_columns(*MachineRow.__table__.c)).all()
+            return [_machine(r) for r in rows]
+
+    def machine_summaries(
+        self, where: MachineFilter, *, after: str | None, limit: int
+    ) -> list[dict[str, Any]]:
+        """One page of machines as plain rows for listings, keyed as the API shows them.
+
+        The API's busiest query skips the typed ``Machine`` on purpose: building a
+        hundred frozen dataclasses costs more than the query itself.
+        """
+        t = MachineRow
+        q = select(
+            t.name, t.project, t.host, t.image, t.cpus, t.memory_bytes, t.disk_bytes,
+            t.clone_mode.label("clone"), t.uuid, t.mac, t.hostname, t.record_state, t.managed,
+            # As stored, not parsed: SQLAlchemy's SQLite datetime parsing is most of the cost.
+            type_coerce(t.created_at, String).label("created_at"),
+        )
+        q = _filtered(q, where).order_by(t.name).limit(limit)
+        if after is not None:
+            q = q.where(t.name > after)
+        with self._read_engine.connect() as conn:
+            rows = [r._asdict() for r in conn.execute(q)]
+        for row in rows:
+            row["created_at"] = _iso(row["created_at"])
+        return rows
 
     def count_machines(self, where: MachineFilter) -> int:
-        with self._tx() as s:
+        with self._read() as s:
             return s.scalar(_filtered(select(func.count()).select_from(MachineRow), where)) or 0
 
     def taken(self, *, names: Iterable[str] = (), macs: Iterable[str] = ()) -> set[str]:
         """Which of these names and MACs are already recorded."""
-        with self._tx() as s:
+        with self._read() as s:
             found = set(s.scalars(select(MachineRow.name).where(MachineRow.name.in_(list(names)))))
             q = select(MachineRow.mac).where(MachineRow.mac.in_(list(macs)))
             return found | {mac for mac in s.scalars(q) if mac is not None}
@@ -322,7 +359,7 @@ class Store:
             )
 
     def get_job(self, job_id: int) -> Job:
-        with self._tx() as s:
+        with self._read() as s:
             row = s.get(JobRow, job_id)
             if row is None:
                 raise NotFound("job", str(job_id), called="with id")
@@ -338,7 +375,7 @@ class Store:
         before: int | None = None,
     ) -> list[Job]:
         """Newest first; ``before`` pages back by id. ``projects=None``: every job."""
-        with self._tx() as s:
+        with self._read() as s:
             q = select(JobRow).order_by(JobRow.id.desc()).limit(limit)
             if isinstance(state, JobState):
                 q = q.where(JobRow.state == state.value)
@@ -365,14 +402,14 @@ class Store:
             raise Conflict(f"A project named '{name}' already exists.") from exc
 
     def get_project(self, name: str) -> Project:
-        with self._tx() as s:
+        with self._read() as s:
             row = s.get(ProjectRow, name)
             if row is None:
                 raise NotFound("project", name)
             return _project(row)
 
     def list_projects(self, names: Collection[str] | None = None) -> list[Project]:
-        with self._tx() as s:
+        with self._read() as s:
             q = select(ProjectRow).order_by(ProjectRow.name)
             if names is not None:
                 q = q.where(ProjectRow.name.in_(list(names)))
@@ -406,7 +443,7 @@ class Store:
             s.delete(row)
 
     def project_usage(self, name: str) -> Usage:
-        with self._tx() as s:
+        with self._read() as s:
             return _usage(s, name)
 
     # -- users and tokens --------------------------------------------------------------
@@ -428,18 +465,18 @@ class Store:
             raise Conflict(f"A user named '{name}' already exists.") from exc
 
     def get_user(self, name: str) -> User:
-        with self._tx() as s:
+        with self._read() as s:
             row = s.get(UserRow, name)
             if row is None:
                 raise NotFound("user", name)
             return _user(row)
 
     def password_hash(self, name: str) -> str | None:
-        with self._tx() as s:
+        with self._read() as s:
             return s.scalar(select(UserRow.password_hash).where(UserRow.name == name))
 
     def list_users(self) -> list[User]:
-        with self._tx() as s:
+        with self._read() as s:
             return [_user(r) for r in s.scalars(select(UserRow).order_by(UserRow.name))]
 
     def update_user(
@@ -492,18 +529,24 @@ class Store:
             )
 
     def token_credential(self, token_id: str) -> TokenCredential | None:
-        """One query on the hot path of every authenticated request."""
-        with self._tx() as s:
-            row = s.get(TokenRow, token_id)
+        """On the hot path of every authenticated request: two indexed reads, no objects."""
+        with self._read() as s:
+            row = s.execute(
+                select(*TokenRow.__table__.c, UserRow.role, UserRow.created_at.label("since"))
+                .join(UserRow, UserRow.name == TokenRow.user)
+                .where(TokenRow.id == token_id)
+            ).first()
             if row is None:
                 return None
-            user = s.get(UserRow, row.user)
-            if user is None:
-                return None
-            return TokenCredential(_token(row), row.secret_sha256, row.csrf, _user(user))
+            projects = s.scalars(
+                select(MembershipRow.project).where(MembershipRow.user == row.user)
+            ).all()
+            user = User(name=row.user, role=Role(row.role), projects=tuple(projects),
+                        created_at=row.since)
+            return TokenCredential(_token(row), row.secret_sha256, row.csrf, user)
 
     def list_tokens(self, user: str | None = None) -> list[Token]:
-        with self._tx() as s:
+        with self._read() as s:
             q = select(TokenRow).where(TokenRow.csrf.is_(None)).order_by(TokenRow.created_at)
             if user is not None:
                 q = q.where(TokenRow.user == user)
@@ -526,7 +569,7 @@ class Store:
 
     def list_audit(self, *, limit: int = 100, before: int | None = None,
                    actor: str | None = None) -> list[AuditEntry]:
-        with self._tx() as s:
+        with self._read() as s:
             q = select(AuditRow).order_by(AuditRow.id.desc()).limit(limit)
             if before is not None:
                 q = q.where(AuditRow.id < before)
@@ -551,7 +594,7 @@ class Store:
         limit: int = 100,
     ) -> list[Event]:
         """Newest first, or oldest first when following with ``after``."""
-        with self._tx() as s:
+        with self._read() as s:
             q = select(EventRow).limit(limit)
             q = q.order_by(EventRow.id if after is not None else EventRow.id.desc())
             if projects is not None:
@@ -618,7 +661,7 @@ def _machine_row(m: Machine) -> MachineRow:
     )
 
 
-def _machine(row: MachineRow) -> Machine:
+def _machine(row: MachineRow | Row[*tuple[Any, ...]]) -> Machine:
     return Machine(
         name=row.name,
         identity=Identity(
@@ -655,7 +698,14 @@ def _job(row: JobRow) -> Job:
     )
 
 
-_Q = TypeVar("_Q", Select[MachineRow], Select[int])
+_Q = TypeVar("_Q", bound=Select[*tuple[Any, ...]])
+
+
+def _iso(stored: str | datetime) -> str:
+    """A stored (naive UTC) timestamp in RFC 3339 form, as the API writes datetimes."""
+    if isinstance(stored, datetime):
+        return stored.replace(tzinfo=UTC).isoformat()
+    return stored.replace(" ", "T", 1) + "+00:00"
 
 
 def _filtered(q: _Q, where: MachineFilter) -> _Q:
@@ -737,7 +787,7 @@ def _user(row: UserRow) -> User:
     )
 
 
-def _token(row: TokenRow) -> Token:
+def _token(row: TokenRow | Row[*tuple[Any, ...]]) -> Token:
     return Token(
         id=row.id,
         user=row.user,
