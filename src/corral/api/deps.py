@@ -23,7 +23,7 @@ _cookie = APIKeyCookie(
 )
 
 
-def services(request: Request) -> Services:
+async def services(request: Request) -> Services:  # async: no thread hop for a lookup
     found: Services = request.app.state.services
     return found
 
@@ -31,7 +31,7 @@ def services(request: Request) -> Services:
 ServicesDep = Annotated[Services, Depends(services)]
 
 
-def context(svc: ServicesDep) -> Context:
+async def context(svc: ServicesDep) -> Context:
     return svc.ctx
 
 
