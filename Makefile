@@ -8,7 +8,7 @@ setup:
 	@scripts/setup.sh
 
 run: setup
-	@scripts/demo.sh
+	@scripts/run.sh
 
 test: setup
 	$(BIN)/ruff check src tests bench
