@@ -67,3 +67,4 @@ if [[ ! -f $stamp || pyproject.toml -nt $stamp ]]; then
   touch "$stamp"
 fi
 say "Set-up done. The corral command is .venv/bin/corral"
+scripts/build-web.sh  # the web console's htmx and xterm.js, from npm (skipped when up to date)

@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from corral import __version__
 from corral.api import problems
 from corral.api.audit import AuditMiddleware
-from corral.api.routers import accounts, auth, hosts, images, jobs, machines
+from corral.api.routers import accounts, auth, console, hosts, images, jobs, machines
 from corral.api.services import JobWorker, LoginThrottle, PowerSweeper, Services
 from corral.config import Settings
 from corral.ops.context import Context
@@ -70,6 +70,7 @@ def create_app(settings: Settings, *, throttle: LoginThrottle | None = None) -> 
         accounts.users,
         accounts.projects,
         accounts.tokens,
+        console.router,
     ):
         app.include_router(router)
     app.add_middleware(AuditMiddleware, record=lambda *a: _record(app, *a))

@@ -6,7 +6,10 @@ from fastapi import FastAPI
 
 from corral.api import create_app
 from corral.config import Settings
+from corral.web import pages
 
 
 def build_app(settings: Settings) -> FastAPI:
-    return create_app(settings)
+    app = create_app(settings)
+    pages.install(app)
+    return app

@@ -1,0 +1,268 @@
+/* Corral's console: CSRF on every change, dialogs, power buttons, uploads, job progress.
+ * Every change goes to the JSON API with the session cookie and the X-CSRF-Token header. */
+(function () {
+  "use strict";
+  const csrf = () => (document.querySelector('meta[name="csrf-token"]') || {}).content || "";
+
+  document.addEventListener("htmx:configRequest", (e) => {
+    e.detail.headers["X-CSRF-Token"] = csrf();
+  });
+  document.addEventListener("htmx:responseError", (e) => {
+    problemOf(e.detail.xhr.responseText, e.detail.xhr.status).then((m) => toast(m, "error"));
+  });
+
+  async function problemOf(body, status) {
+    try {
+      const p = typeof body === "string" ? JSON.parse(body) : await body.json();
+      return p.detail || p.title || `Error ${status}`;
+    } catch (_) {
+      return `The server answered ${status}.`;
+    }
+  }
+
+  async function api(method, url, body) {
+    const init = { method, headers: { "X-CSRF-Token": csrf() }, credentials: "same-origin" };
+    if (body !== undefined) {
+      init.headers["Content-Type"] = "application/json";
+      init.body = JSON.stringify(body);
+    }
+    const r = await fetch(url, init);
+    if (r.status === 401) {
+      location.href = "/ui/login?next=" + encodeURIComponent(location.pathname);
+      throw new Error("Your session ended; log in again.");
+    }
+    if (!r.ok) throw new Error(await problemOf(r, r.status));
+    return r.status === 204 ? null : r.json();
+  }
+
+  function changed() {
+    document.body.dispatchEvent(new Event("corral:changed"));
+  }
+
+  function toast(message, kind) {
+    const box = document.getElementById("toasts");
+    if (!box) return null;
+    const t = document.createElement("div");
+    t.className = "toast " + (kind || "info");
+    t.textContent = message;
+    box.appendChild(t);
+    if (kind !== "sticky") setTimeout(() => t.remove(), kind === "error" ? 8000 : 4000);
+    return t;
+  }
+
+  /* Follow jobs over Server-Sent Events (/jobs/{id}/stream), with a bar each. */
+  function followJobs(jobs, title) {
+    const box = document.getElementById("toasts");
+    if (!box || !jobs.length) return;
+    const t = document.createElement("div");
+    t.className = "toast jobs-toast";
+    const h = document.createElement("div");
+    h.className = "toast-title";
+    h.textContent = title;
+    t.appendChild(h);
+    box.appendChild(t);
+    let open = jobs.length;
+    for (const job of jobs) {
+      const row = document.createElement("div");
+      row.className = "job";
+      row.innerHTML = '<div class="job-head"><span class="job-what"></span><span class="job-state muted"></span></div>' +
+        '<div class="bar job-bar running" role="progressbar"><span style="width:0%"></span></div>';
+      row.querySelector(".job-what").textContent = `${job.kind} ${job.target}`;
+      t.appendChild(row);
+      const show = (j) => {
+        row.querySelector(".job-state").textContent = j.state;
+        const bar = row.querySelector(".job-bar");
+        bar.className = "bar job-bar " + j.state;
+        bar.setAttribute("aria-valuenow", Math.round(j.progress * 100));
+        bar.firstElementChild.style.width = (j.progress * 100).toFixed(0) + "%";
+        if (j.error) row.title = j.error;
+      };
+      show(job);
+      const es = new EventSource(`/jobs/${job.id}/stream`);
+      es.addEventListener("job", (ev) => {
+        const j = JSON.parse(ev.data);
+        show(j);
+        changed();
+        if (j.state !== "pending" && j.state !== "running") {
+          es.close();
+          if (j.state !== "succeeded") toast(`${j.kind} ${j.target}: ${j.error || j.state}`, "error");
+          if (--open === 0) setTimeout(() => t.remove(), 3000);
+        }
+      });
+      es.onerror = () => { es.close(); if (--open === 0) setTimeout(() => t.remove(), 3000); };
+    }
+  }
+
+  /* A confirmation dialog; resolves true when the person confirms. */
+  function confirmDialog(title, text, ok) {
+    const d = document.getElementById("confirm-dialog");
+    if (!d) return Promise.resolve(window.confirm(text));
+    d.querySelector("#confirm-title").textContent = title;
+    d.querySelector("#confirm-text").textContent = text;
+    d.querySelector("#confirm-ok").textContent = ok || "Delete";
+    d.returnValue = "";
+    d.showModal();
+    return new Promise((resolve) => {
+      d.addEventListener("close", () => resolve(d.returnValue === "ok"), { once: true });
+    });
+  }
+
+  document.addEventListener("click", async (e) => {
+    const el = e.target.closest("button, a");
+    if (!el) return;
+    if (el.id === "logout") {
+      try { await api("DELETE", "/auth/session"); } catch (_) { /* gone already */ }
+      location.href = "/ui/login";
+    } else if (el.dataset.power) {
+      const { power, name } = el.dataset;
+      el.disabled = true;
+      try {
+        await api("POST", `/machines/${encodeURIComponent(name)}/${power}`);
+        toast(`${name}: ${power} sent`, "ok");
+      } catch (err) { toast(err.message, "error"); }
+      changed();
+    } else if (el.dataset.deleteMachine) {
+      const name = el.dataset.deleteMachine;
+      const yes = await confirmDialog(`Delete ${name}?`,
+        `The machine ${name} is powered off if running, and its disks are removed. This cannot be undone.`);
+      if (!yes) return;
+      try {
+        const acc = await api("DELETE", `/machines/${encodeURIComponent(name)}?force=true`);
+        followJobs(acc.jobs, `Deleting ${name}`);
+        if (el.dataset.after) setTimeout(() => { location.href = el.dataset.after; }, 600);
+      } catch (err) { toast(err.message, "error"); }
+      changed();
+    } else if (el.dataset.deleteImage) {
+      const name = el.dataset.deleteImage;
+      if (!(await confirmDialog(`Delete image ${name}?`, `The image ${name} is removed. Machines must no longer use it.`))) return;
+      try {
+        await api("DELETE", `/images/${encodeURIComponent(name)}`);
+        toast(`Image ${name} deleted`, "ok");
+      } catch (err) { toast(err.message, "error"); }
+      changed();
+    } else if (el.id === "open-create") {
+      openCreate();
+    } else if (el.hasAttribute("data-close")) {
+      el.closest("dialog").close();
+    }
+  });
+
+  function openCreate() {
+    const d = document.getElementById("create-dialog");
+    if (!d) return;
+    d.querySelector("#create-error").hidden = true;
+    d.showModal();
+    d.querySelector('input[name="name"]').focus();
+  }
+
+  document.addEventListener("submit", async (e) => {
+    const form = e.target;
+    if (form.id === "create-form") {
+      e.preventDefault();
+      const f = new FormData(form);
+      const err = form.querySelector("#create-error");
+      const body = {
+        name: f.get("name").trim(),
+        image: f.get("image"),
+        cpus: parseInt(f.get("cpus"), 10),
+        memory_bytes: parseInt(f.get("memory"), 10) * 1024 * 1024,
+        count: parseInt(f.get("count"), 10),
+        ssh_keys: f.get("ssh_keys").split("\n").map((s) => s.trim()).filter(Boolean),
+      };
+      if (f.get("disk_gib")) body.disk_bytes = parseInt(f.get("disk_gib"), 10) * 1024 ** 3;
+      const submit = form.querySelector("#create-submit");
+      submit.disabled = true;
+      try {
+        const acc = await api("POST", "/machines", body);
+        form.closest("dialog").close();
+        form.reset();
+        followJobs(acc.jobs, `Creating ${body.count > 1 ? body.count + " machines" : body.name}`);
+        changed();
+      } catch (x) {
+        err.textContent = x.message;
+        err.hidden = false;
+      } finally {
+        submit.disabled = false;
+      }
+    } else if (form.id === "login-form") {
+      e.preventDefault();
+      const err = form.querySelector("#login-error");
+      err.hidden = true;
+      const f = new FormData(form);
+      const r = await fetch("/auth/session", {
+        method: "POST",
+        headers: { "Content-Type": "application/json" },
+        body: JSON.stringify({ name: f.get("name"), password: f.get("password") }),
+        credentials: "same-origin",
+      });
+      if (r.ok) {
+        location.href = form.dataset.next || "/ui/";
+        return;
+      }
+      err.textContent = r.status === 401
+        ? "Wrong user name or password."
+        : await problemOf(r, r.status);
+      err.hidden = false;
+      form.querySelector("#login-password").select();
+    } else if (form.id === "upload-form") {
+      e.preventDefault();
+      upload(form);
+    }
+  });
+
+  function upload(form) {
+    const file = form.querySelector("#upload-file").files[0];
+    const name = form.querySelector("#upload-name").value.trim();
+    const format = form.querySelector("#upload-format").value;
+    const err = document.getElementById("upload-error");
+    const box = document.getElementById("upload-progress");
+    const bar = document.getElementById("upload-bar");
+    const pct = document.getElementById("upload-pct");
+    const label = document.getElementById("upload-label");
+    const submit = form.querySelector("#upload-submit");
+    err.hidden = true;
+    box.hidden = false;
+    submit.disabled = true;
+    label.textContent = `Uploading ${file.name}…`;
+    const q = new URLSearchParams({ name });
+    if (format) q.set("format", format);
+    const xhr = new XMLHttpRequest();
+    xhr.open("POST", "/images?" + q.toString());
+    xhr.setRequestHeader("Content-Type", "application/octet-stream");
+    xhr.setRequestHeader("X-CSRF-Token", csrf());
+    xhr.upload.onprogress = (ev) => {
+      if (!ev.lengthComputable) return;
+      const p = (100 * ev.loaded) / ev.total;
+      bar.style.width = p.toFixed(1) + "%";
+      pct.textContent = `${p.toFixed(0)} %`;
+    };
+    xhr.onload = async () => {
+      submit.disabled = false;
+      if (xhr.status === 202) {
+        bar.style.width = "100%";
+        label.textContent = "Uploaded; vetting and importing…";
+        const acc = JSON.parse(xhr.responseText);
+        followJobs(acc.jobs, `Importing ${name}`);
+        form.reset();
+        setTimeout(() => { box.hidden = true; }, 1500);
+      } else {
+        box.hidden = true;
+        err.textContent = await problemOf(xhr.responseText, xhr.status);
+        err.hidden = false;
+      }
+    };
+    xhr.onerror = () => {
+      submit.disabled = false;
+      box.hidden = true;
+      err.textContent = "The upload failed: the connection was lost.";
+      err.hidden = false;
+    };
+    xhr.send(file);
+  }
+
+  document.addEventListener("DOMContentLoaded", () => {
+    if (location.hash === "#create") openCreate();
+  });
+
+  window.corral = { api, toast, followJobs };
+})();
