@@ -122,3 +122,21 @@ _DESCRIPTIONS = {
     503: "libvirtd cannot be reached",
     507: "The storage pool is full",
 }
+
+
+def linked(status: int, description: str, **links: tuple[str, str, dict[str, str]]
+           ) -> dict[int | str, dict[str, Any]]:
+    """An OpenAPI success entry with links (``Name=(method, path, parameters)``): what a
+    client, or a stateful test, can call next with values from this answer."""
+    return {
+        status: {
+            "description": description,
+            "links": {
+                name: {
+                    "operationRef": f"#/paths/{path.replace('/', '~1')}/{method}",
+                    "parameters": parameters,
+                }
+                for name, (method, path, parameters) in links.items()
+            },
+        }
+    }

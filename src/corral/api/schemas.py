@@ -3,10 +3,10 @@ cannot slip in an owner, a UUID or a disk path (mass assignment)."""
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Generic, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
 from corral.model import (
     AuditEntry,
@@ -29,6 +29,16 @@ from corral.model.machine import DiskUsage
 
 Name = Annotated[str, StringConstraints(pattern=r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")]
 T = TypeVar("T")
+MAX_ID = 2**63 - 1
+"""Ids are 64-bit integers in every store; larger ones cannot exist (and would overflow)."""
+
+
+def as_utc(value: datetime) -> datetime:
+    """The store keeps naive UTC; the API says so, as RFC 3339 date-times require."""
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+Timestamp = Annotated[datetime, AfterValidator(as_utc)]
 
 
 class Strict(BaseModel):
@@ -101,7 +111,7 @@ class ImageOut(BaseModel):
     sha256: str
     virtual_size: int
     kernel_boot: bool
-    created_at: datetime
+    created_at: Timestamp
 
     @classmethod
     def of(cls, image: Image) -> ImageOut:
@@ -173,7 +183,7 @@ class MachineOut(BaseModel):
         description="From the latest sweep of the host; null when the domain is missing."
     )
     managed: bool
-    created_at: datetime
+    created_at: Timestamp
 
     @classmethod
     def of(cls, m: Machine, power: PowerState | None) -> MachineOut:
@@ -220,8 +230,8 @@ class JobOut(BaseModel):
     progress: float = Field(ge=0, le=1)
     error: str | None
     steps: list[StepOut]
-    created_at: datetime
-    finished_at: datetime | None
+    created_at: Timestamp
+    finished_at: Timestamp | None
 
     @classmethod
     def of(cls, job: Job) -> JobOut:
@@ -247,7 +257,7 @@ class Accepted(BaseModel):
 
 class EventOut(BaseModel):
     id: int
-    at: datetime
+    at: Timestamp
     kind: str
     target: str
     project: str | None
@@ -261,7 +271,7 @@ class EventOut(BaseModel):
 
 class AuditOut(BaseModel):
     id: int
-    at: datetime
+    at: Timestamp
     actor: str
     action: str
     target: str
@@ -299,9 +309,9 @@ class TokenOut(BaseModel):
     id: str
     user: str
     name: str
-    created_at: datetime
-    expires_at: datetime | None
-    revoked_at: datetime | None
+    created_at: Timestamp
+    expires_at: Timestamp | None
+    revoked_at: Timestamp | None
 
     @classmethod
     def of(cls, t: Token) -> TokenOut:
@@ -339,7 +349,7 @@ class UserOut(BaseModel):
     name: str
     role: Role
     projects: list[str]
-    created_at: datetime
+    created_at: Timestamp
 
     @classmethod
     def of(cls, u: User) -> UserOut:
@@ -372,7 +382,7 @@ class ProjectOut(BaseModel):
     name: str
     quota: QuotaIn
     usage: UsageCounts
-    created_at: datetime
+    created_at: Timestamp
 
     @classmethod
     def of(cls, p: Project, used: Usage) -> ProjectOut:

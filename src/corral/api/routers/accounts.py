@@ -8,7 +8,7 @@ from fastapi import APIRouter
 from starlette.status import HTTP_204_NO_CONTENT
 
 from corral.api.deps import Caller, ServicesDep
-from corral.api.problems import documented
+from corral.api.problems import documented, linked
 from corral.api.schemas import (
     Name,
     ProjectCreate,
@@ -26,11 +26,15 @@ from corral.model import Role
 from corral.ops import accounts
 from corral.ops.accounts import Principal
 
-users = APIRouter(prefix="/users", tags=["accounts"], responses=documented(401, 403, 404, 422))
-projects = APIRouter(
-    prefix="/projects", tags=["accounts"], responses=documented(401, 403, 404, 422)
+users = APIRouter(
+    prefix="/users", tags=["accounts"], responses=documented(400, 401, 403, 404, 422)
 )
-tokens = APIRouter(prefix="/tokens", tags=["accounts"], responses=documented(401, 404, 422))
+projects = APIRouter(
+    prefix="/projects", tags=["accounts"], responses=documented(400, 401, 403, 404, 422)
+)
+tokens = APIRouter(
+    prefix="/tokens", tags=["accounts"], responses=documented(400, 401, 403, 404, 422)
+)
 
 
 @users.get("", summary="Every user (admins)")
@@ -39,7 +43,13 @@ def list_users(caller: Caller, svc: ServicesDep) -> list[UserOut]:
     return [UserOut.of(u) for u in svc.ctx.store.list_users()]
 
 
-@users.post("", status_code=201, summary="Create a user (admins)", responses=documented(409))
+@users.post("", status_code=201, summary="Create a user (admins)", responses={
+    **linked(201, "Created",
+             GetUser=("get", "/users/{name}", {"name": "$response.body#/name"}),
+             UpdateUser=("patch", "/users/{name}", {"name": "$response.body#/name"}),
+             DeleteUser=("delete", "/users/{name}", {"name": "$response.body#/name"})),
+    **documented(409),
+})
 def create_user(body: UserCreate, caller: Caller, svc: ServicesDep) -> UserOut:
     caller.require_admin()
     user = accounts.create_user(svc.ctx.store, body.name, body.password, body.role,
@@ -91,8 +101,13 @@ def list_projects(caller: Caller, svc: ServicesDep) -> list[ProjectOut]:
             for p in store.list_projects(caller.projects)]
 
 
-@projects.post("", status_code=201, summary="Create a project (admins)",
-               responses=documented(409))
+@projects.post("", status_code=201, summary="Create a project (admins)", responses={
+    **linked(201, "Created",
+             GetProject=("get", "/projects/{name}", {"name": "$response.body#/name"}),
+             SetQuota=("put", "/projects/{name}/quota", {"name": "$response.body#/name"}),
+             DeleteProject=("delete", "/projects/{name}", {"name": "$response.body#/name"})),
+    **documented(409),
+})
 def create_project(body: ProjectCreate, caller: Caller, svc: ServicesDep) -> ProjectOut:
     caller.require_admin()
     store = svc.ctx.store
@@ -135,7 +150,9 @@ def list_tokens(caller: Caller, svc: ServicesDep) -> list[TokenOut]:
     return [TokenOut.of(t) for t in svc.ctx.store.list_tokens(user)]
 
 
-@tokens.post("", status_code=201, summary="Create an API token; its secret is shown once")
+@tokens.post("", status_code=201, summary="Create an API token; its secret is shown once",
+             responses=linked(201, "Created", RevokeToken=(
+                 "delete", "/tokens/{token_id}", {"token_id": "$response.body#/id"})))
 def create_token(body: TokenCreate, caller: Caller, svc: ServicesDep) -> TokenIssued:
     lifetime = None if body.expires_in is None else timedelta(seconds=body.expires_in)
     issued = accounts.issue_token(svc.ctx.store, caller.name, body.name, expires_in=lifetime)

@@ -14,7 +14,9 @@ from corral.errors import Unauthenticated
 from corral.model import User
 from corral.ops import accounts
 
-router = APIRouter(prefix="/auth", tags=["auth"], responses=documented(401, 422, 429))
+router = APIRouter(
+    prefix="/auth", tags=["auth"], responses=documented(400, 401, 403, 422, 429)
+)
 
 
 def _login(request: Request, svc: ServicesDep, body: Login) -> User:

@@ -14,7 +14,7 @@ from corral.model import Host, Usage
 from corral.ops import hosts as host_ops
 from corral.store.repository import MachineFilter
 
-router = APIRouter(prefix="/hosts", tags=["hosts"], responses=documented(401, 403, 404))
+router = APIRouter(prefix="/hosts", tags=["hosts"], responses=documented(401, 403, 404, 422))
 pools = APIRouter(prefix="/pools", tags=["hosts"], responses=documented(401))
 
 

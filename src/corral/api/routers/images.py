@@ -14,7 +14,7 @@ from fastapi import APIRouter, Query, Request
 from starlette.status import HTTP_204_NO_CONTENT
 
 from corral.api.deps import Caller, ServicesDep
-from corral.api.problems import documented
+from corral.api.problems import documented, linked
 from corral.api.schemas import Accepted, ImageOut, JobOut, Name
 from corral.errors import CorralError, InvalidInput, NotFound
 from corral.model import Image, ImageFormat, Job
@@ -23,7 +23,9 @@ from corral.ops.accounts import Principal
 from corral.ops.context import Context
 from corral.ops.jobs import execute_job
 
-router = APIRouter(prefix="/images", tags=["images"], responses=documented(401, 403, 404, 422))
+router = APIRouter(
+    prefix="/images", tags=["images"], responses=documented(400, 401, 403, 404, 422)
+)
 _CHUNK = 1 << 20
 
 
@@ -52,7 +54,14 @@ def get_image(name: Name, caller: Caller, svc: ServicesDep) -> ImageOut:
     "",
     status_code=202,
     summary="Upload a disk image (the request body, streamed); answers with its import job",
-    responses=documented(409, 413, 507),
+    responses={
+        **linked(202, "Accepted: follow the import job",
+                 GetJob=("get", "/jobs/{job_id}", {"job_id": "$response.body#/jobs/0/id"}),
+                 GetImage=("get", "/images/{name}", {"name": "$response.body#/jobs/0/target"}),
+                 DeleteImage=("delete", "/images/{name}",
+                              {"name": "$response.body#/jobs/0/target"})),
+        **documented(409, 413, 507),
+    },
     openapi_extra={
         "requestBody": {
             "required": True,
@@ -75,6 +84,8 @@ async def upload_image(
     if project is not None and not caller.can_read(project):
         raise NotFound("project", project)
     caller.require_manage(project)
+    if project is not None:
+        await anyio.to_thread.run_sync(ctx.store.get_project, project)  # NotFound if none
     limit = ctx.settings.max_upload_bytes
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:

@@ -7,12 +7,12 @@ from functools import partial
 from typing import Annotated, Any
 
 import anyio
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Path, Query
 from fastapi.responses import StreamingResponse
 
 from corral.api.deps import Caller, ServicesDep
 from corral.api.problems import documented
-from corral.api.schemas import AuditOut, EventOut, JobOut, Page
+from corral.api.schemas import MAX_ID, AuditOut, EventOut, JobOut, Page
 from corral.errors import NotFound
 from corral.model import Job, JobState
 from corral.ops.accounts import Principal
@@ -24,6 +24,7 @@ _SSE: dict[int | str, dict[str, Any]] = {
           "description": "A stream of Server-Sent Events"}
 }
 _POLL = 0.25
+JobId = Annotated[int, Path(ge=1, le=MAX_ID)]
 
 
 def _visible_job(ctx: Context, caller: Principal, job_id: int) -> Job:
@@ -41,7 +42,7 @@ def list_jobs(
     caller: Caller,
     svc: ServicesDep,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    before: Annotated[int | None, Query(ge=1, description="Last id seen.")] = None,
+    before: Annotated[int | None, Query(ge=1, le=MAX_ID, description="Last id seen.")] = None,
     state: JobState | None = None,
     target: Annotated[str | None, Query(max_length=255)] = None,
 ) -> Page[JobOut]:
@@ -56,13 +57,13 @@ def _job_scope(caller: Principal) -> list[str] | None:
 
 
 @router.get("/jobs/{job_id}", summary="One job with its steps and progress")
-def get_job(job_id: int, caller: Caller, svc: ServicesDep) -> JobOut:
+def get_job(job_id: JobId, caller: Caller, svc: ServicesDep) -> JobOut:
     return JobOut.of(_visible_job(svc.ctx, caller, job_id))
 
 
 @router.get("/jobs/{job_id}/stream", summary="Follow a job until it ends (SSE)",
             response_class=StreamingResponse, responses=_SSE)
-def stream_job(job_id: int, caller: Caller, svc: ServicesDep) -> StreamingResponse:
+def stream_job(job_id: JobId, caller: Caller, svc: ServicesDep) -> StreamingResponse:
     ctx = svc.ctx
     _visible_job(ctx, caller, job_id)
 
@@ -87,8 +88,8 @@ def list_events(
     caller: Caller,
     svc: ServicesDep,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
-    before: Annotated[int | None, Query(ge=1)] = None,
-    after: Annotated[int | None, Query(ge=0)] = None,
+    before: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,
+    after: Annotated[int | None, Query(ge=0, le=MAX_ID)] = None,
     target: Annotated[str | None, Query(max_length=255)] = None,
 ) -> Page[EventOut]:
     events = svc.ctx.store.list_events(projects=_job_scope(caller), target=target, after=after,
@@ -103,7 +104,9 @@ def list_events(
 def stream_events(
     caller: Caller,
     svc: ServicesDep,
-    after: Annotated[int | None, Query(ge=0, description="Default: the newest event.")] = None,
+    after: Annotated[
+        int | None, Query(ge=0, le=MAX_ID, description="Default: the newest event.")
+    ] = None,
     seconds: Annotated[float, Query(gt=0, le=3600, description="How long to follow.")] = 300,
 ) -> StreamingResponse:
     ctx = svc.ctx
@@ -134,7 +137,7 @@ def list_audit(
     caller: Caller,
     svc: ServicesDep,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
-    before: Annotated[int | None, Query(ge=1)] = None,
+    before: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,
     actor: Annotated[str | None, Query(max_length=63)] = None,
 ) -> Page[AuditOut]:
     caller.require_admin()

@@ -12,7 +12,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 
 from corral.api.deps import Caller, ServicesDep
-from corral.api.problems import documented
+from corral.api.problems import documented, linked
 from corral.api.schemas import (
     Accepted,
     JobOut,
@@ -32,8 +32,19 @@ from corral.ops.context import Context
 from corral.ops.jobs import execute_job
 from corral.store.repository import MachineFilter
 
+_NEW = {"name": "$response.body#/jobs/0/target"}
+_ACCEPTED = linked(
+    202, "Accepted: follow the jobs",
+    GetJob=("get", "/jobs/{job_id}", {"job_id": "$response.body#/jobs/0/id"}),
+    GetMachine=("get", "/machines/{name}", _NEW),
+    StartMachine=("post", "/machines/{name}/start", _NEW),
+    StopMachine=("post", "/machines/{name}/stop", _NEW),
+    CloneMachine=("post", "/machines/{name}/clone", _NEW),
+    DeleteMachine=("delete", "/machines/{name}", _NEW),
+)
+
 router = APIRouter(
-    prefix="/machines", tags=["machines"], responses=documented(401, 403, 404, 422, 503)
+    prefix="/machines", tags=["machines"], responses=documented(400, 401, 403, 404, 422, 503)
 )
 
 
@@ -82,7 +93,7 @@ def list_machines(
 
 @router.post(
     "", status_code=202, summary="Create machines; answers with one job per machine",
-    responses=documented(409, 507),
+    responses={**_ACCEPTED, **documented(409, 507)},
 )
 def create_machines(body: MachineCreate, caller: Caller, svc: ServicesDep) -> Accepted:
     ctx = svc.ctx
@@ -161,7 +172,7 @@ def kill(name: Name, caller: Caller, svc: ServicesDep) -> MachineDetail:
 
 @router.post(
     "/{name}/clone", status_code=202, summary="Clone a stopped machine",
-    responses=documented(409, 507),
+    responses={**_ACCEPTED, **documented(409, 507)},
 )
 def clone(name: Name, body: MachineClone, caller: Caller, svc: ServicesDep) -> Accepted:
     source = visible(svc.ctx, caller, name)
