@@ -66,5 +66,5 @@ if [[ ! -f $stamp || pyproject.toml -nt $stamp ]]; then
   .venv/bin/pip install -q -e '.[dev]'
   touch "$stamp"
 fi
-say "Set-up done. The corral command is .venv/bin/corral"
 scripts/build-web.sh  # the web console's htmx and xterm.js, from npm (skipped when up to date)
+say "Set-up done. The corral command is .venv/bin/corral"

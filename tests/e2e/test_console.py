@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -112,6 +113,37 @@ def test_the_console_socket_refuses_other_origins_and_strangers(bare: Served) ->
         assert conn.close_code == 4404
 
 
+def test_upload_an_image_with_progress_then_delete_it(
+    browser: Browser, bare: Served, shots: Path
+) -> None:
+    disk = Path("/var/tmp") / f"{bare.prefix}-upload.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "16M"], check=True)
+    page = browser.new_page(viewport=LAPTOP)
+    try:
+        login(page, bare)
+        expect(page).to_have_url(bare.url + "/ui/")
+        page.goto(bare.url + "/ui/images")
+        expect(page.locator("#image-rows")).to_contain_text("No images yet")
+        page.set_input_files("#upload-file", str(disk))
+        page.fill("#upload-name", "tiny")
+        page.select_option("#upload-format", "qcow2")
+        page.click("#upload-submit")
+        expect(page.locator(".jobs-toast")).to_contain_text("import tiny")
+        row = page.locator('tr[data-image="tiny"]')
+        expect(row).to_be_visible(timeout=60_000)
+        expect(row).to_contain_text("16 MiB")
+        page.screenshot(path=str(shots / "images-uploaded.png"))
+        row.locator("[data-delete-image]").click()
+        expect(page.locator("#confirm-dialog")).to_contain_text("tiny")
+        page.click("#confirm-ok")
+        expect(row).to_have_count(0, timeout=30_000)
+        with bare.admin() as api:
+            assert [i["name"] for i in api.get("/images").json()] == []
+    finally:
+        page.close()
+        disk.unlink(missing_ok=True)
+
+
 def terminal_lines(page: Page) -> list[str]:
     lines: list[str] = page.evaluate(
         """() => {
@@ -193,6 +225,7 @@ def _walk_through(page: Page, served: Served, shots: Path) -> None:
     assert found, "the console never answered 'hostname': " + "\n".join(terminal_lines(page))
     expect(page.locator(".xterm-rows")).to_contain_text(name)
     page.screenshot(path=str(shots / "machine.png"))
+    page.screenshot(path=str(shots / "machine-full.png"), full_page=True)
 
     # The other pages, for the record.
     for path, shot in (("/ui/", "dashboard"), ("/ui/images", "images"),

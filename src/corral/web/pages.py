@@ -153,7 +153,7 @@ def images_page(request: Request, session: SessionDep, svc: ServicesDep) -> HTML
     caller = session.principal
     return _render(request, "images.html", session, "images",
                    images=image_routes.list_images(caller, svc),
-                   jobs=[j for j in _jobs(caller, svc, 20) if j.kind.startswith("image")][:6])
+                   jobs=[j for j in _jobs(caller, svc, 30) if j.kind == "import"][:6])
 
 
 @router.get("/partials/images")

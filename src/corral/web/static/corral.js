@@ -74,7 +74,8 @@
         const bar = row.querySelector(".job-bar");
         bar.className = "bar job-bar " + j.state;
         bar.setAttribute("aria-valuenow", Math.round(j.progress * 100));
-        bar.firstElementChild.style.width = (j.progress * 100).toFixed(0) + "%";
+        const done = j.state === "succeeded" ? 1 : j.progress;
+        bar.firstElementChild.style.width = (done * 100).toFixed(0) + "%";
         if (j.error) row.title = j.error;
       };
       show(job);
