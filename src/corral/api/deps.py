@@ -10,7 +10,7 @@ from fastapi.security import APIKeyCookie, HTTPAuthorizationCredentials, HTTPBea
 
 from corral.api.services import Services
 from corral.errors import Forbidden, Unauthenticated
-from corral.ops.accounts import Principal, resolve_token
+from corral.ops.accounts import Principal
 from corral.ops.context import Context
 
 SESSION_COOKIE = "corral_session"
@@ -38,7 +38,7 @@ async def context(svc: ServicesDep) -> Context:
 ContextDep = Annotated[Context, Depends(context)]
 
 
-def caller(
+async def caller(
     request: Request,
     svc: ServicesDep,
     bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
@@ -46,9 +46,9 @@ def caller(
 ) -> Principal:
     """Authenticate by bearer token, else by session cookie with CSRF on changes."""
     if bearer is not None:
-        principal, _ = resolve_token(svc.ctx.store, bearer.credentials)
+        principal, _ = await svc.authenticate(bearer.credentials)
     elif session is not None:
-        principal, csrf = resolve_token(svc.ctx.store, session)
+        principal, csrf = await svc.authenticate(session)
         sent = request.headers.get(CSRF_HEADER, "")
         if request.method not in SAFE_METHODS and (
             csrf is None or not hmac.compare_digest(sent, csrf)

@@ -6,14 +6,17 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
-from collections.abc import Callable
+from collections import OrderedDict, deque
+from collections.abc import Callable, Hashable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+import anyio
+
 from corral.errors import CorralError, TooManyRequests
 from corral.model import PowerState
+from corral.ops.accounts import Principal, expired, invalid_token, resolve_token
 from corral.ops.context import Context
 
 log = logging.getLogger(__name__)
@@ -53,6 +56,8 @@ class PowerSweeper:
         self._ctx = ctx
         self._interval = interval
         self._states: dict[str, PowerState] = {}
+        self.version = 0
+        """Changes whenever a sweep finds any state different from the one before."""
         self.swept_at: float | None = None
         self.healthy = False
         """Whether the last sweep reached the host's libvirtd."""
@@ -70,7 +75,10 @@ class PowerSweeper:
 
     def sweep(self) -> dict[str, PowerState]:
         try:
-            self._states = self._ctx.driver.power_states()
+            states = self._ctx.driver.power_states()
+            if states != self._states:
+                self._states = states
+                self.version += 1
             self.swept_at = time.monotonic()
             self.healthy = True
         except CorralError as exc:
@@ -125,9 +133,60 @@ class LoginThrottle:
         return recent
 
 
+class ReadCache:
+    """Answers computed from the store, reused until the store changes.
+
+    Each entry remembers the version it was computed at (``Store.data_version`` plus
+    whatever else it depends on); a different version is a miss, so a hit is always
+    what a fresh read would give. Where the store has no version (PostgreSQL) nothing
+    is cached. Least recently used entries go first.
+    """
+
+    def __init__(self, size: int = 1024) -> None:
+        self._size = size
+        self._entries: OrderedDict[Hashable, tuple[Hashable, Any]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Hashable, version: Hashable) -> Any | None:
+        with self._lock:
+            found = self._entries.get(key)
+            if found is None or found[0] != version:
+                return None
+            self._entries.move_to_end(key)
+            return found[1]
+
+    def put(self, key: Hashable, version: Hashable, value: Any) -> None:
+        with self._lock:
+            self._entries[key] = (version, value)
+            self._entries.move_to_end(key)
+            while len(self._entries) > self._size:
+                self._entries.popitem(last=False)
+
+
 @dataclass
 class Services:
     ctx: Context
     worker: JobWorker
     sweeper: PowerSweeper
     throttle: LoginThrottle
+    cache: ReadCache = field(default_factory=ReadCache)
+
+    async def authenticate(self, presented: str) -> tuple[Principal, str | None]:
+        """The caller behind a token or session, and the session's CSRF value.
+
+        Served from the cache while the store is unchanged (a revocation is a commit,
+        so it takes effect at once); expiry is checked on every call.
+        """
+        version = self.ctx.store.data_version()
+        key = ("token", presented)
+        hit: tuple[Principal, str | None] | None = (
+            None if version is None else self.cache.get(key, version)
+        )
+        if hit is None:
+            hit = await anyio.to_thread.run_sync(resolve_token, self.ctx.store, presented)
+            if version is not None:
+                self.cache.put(key, version, hit)
+        principal, csrf = hit
+        if expired(principal.token):
+            raise invalid_token()
+        return principal, csrf

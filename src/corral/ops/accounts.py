@@ -156,22 +156,28 @@ def resolve_token(store: Store, presented: str) -> tuple[Principal, str | None]:
     Unauthenticated for a malformed, unknown, revoked or expired token; the message
     does not say which, so probing learns nothing.
     """
-    refused = Unauthenticated(
-        "The token is not valid: unknown, revoked or expired.",
-        hint="Log in again, or create a new token.",
-    )
+    refused = invalid_token()
     if not presented.startswith(TOKEN_PREFIX):
         raise refused
     token_id, _, secret = presented.removeprefix(TOKEN_PREFIX).partition("_")
     cred = store.token_credential(token_id) if token_id and secret else None
     if cred is None or not hmac.compare_digest(cred.secret_sha256, _digest(secret)):
         raise refused
-    token = cred.token
-    if token.revoked_at is not None or (
-        token.expires_at is not None and token.expires_at <= utcnow()
-    ):
+    if cred.token.revoked_at is not None or expired(cred.token):
         raise refused
-    return Principal(cred.user, token), cred.csrf
+    return Principal(cred.user, cred.token), cred.csrf
+
+
+def expired(token: Token) -> bool:
+    return token.expires_at is not None and token.expires_at <= utcnow()
+
+
+def invalid_token() -> Unauthenticated:
+    """One answer for every bad token, so probing learns nothing about which it was."""
+    return Unauthenticated(
+        "The token is not valid: unknown, revoked or expired.",
+        hint="Log in again, or create a new token.",
+    )
 
 
 def revoke_token(store: Store, caller: Principal, token_id: str) -> Token:

@@ -6,6 +6,8 @@ the database, so two processes racing for the same name cannot both win.
 
 from __future__ import annotations
 
+import sqlite3
+import threading
 from collections.abc import Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -13,6 +15,7 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from sqlalchemy import Engine, Row, Select, String, delete, func, select, type_coerce, update
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -58,6 +61,31 @@ from corral.store.tables import (
 )
 
 
+class _ChangeWatch:
+    """SQLite's ``PRAGMA data_version`` on a connection of its own, which never writes:
+    its value changes exactly when another connection has committed."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+        self._lock = threading.Lock()
+
+    @classmethod
+    def open(cls, url: str) -> _ChangeWatch | None:
+        parsed = make_url(url)
+        if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+            return None
+        return cls(sqlite3.connect(parsed.database, check_same_thread=False))
+
+    def version(self) -> int:
+        with self._lock:
+            row = self._conn.execute("PRAGMA data_version").fetchone()
+        return int(row[0])
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
 
@@ -91,9 +119,20 @@ class Store:
         # Reads take no write lock (SQLite: a deferred BEGIN; see store.db).
         self._read_engine = self.engine.execution_options(corral_read_only=True)
         self._readers = sessionmaker(self._read_engine, expire_on_commit=False)
+        self._watch = _ChangeWatch.open(url)
 
     def close(self) -> None:
+        if self._watch is not None:
+            self._watch.close()
         self.engine.dispose()
+
+    def data_version(self) -> int | None:
+        """A number that changes whenever anyone, in any process, commits to the store.
+
+        Read caches check it to stay exact. ``None`` where the database offers no such
+        counter (PostgreSQL): then nothing may be cached.
+        """
+        return None if self._watch is None else self._watch.version()
 
     @contextmanager
     def _tx(self) -> Iterator[Session]:
