@@ -1,0 +1,49 @@
+"""The read cache is exact: a hit is only possible while nothing has been committed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from corral.api.services import ReadCache
+from corral.model import Quota
+from corral.store import Store
+
+
+def test_data_version_moves_when_another_connection_commits(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'corral.db'}"
+    reader, writer = Store(url), Store(url)
+    try:
+        before = reader.data_version()
+        assert before is not None
+        reader.list_projects()  # reading changes nothing
+        assert reader.data_version() == before
+        writer.add_project("p1", Quota())
+        after = reader.data_version()
+        assert after != before
+        reader.add_project("p2", Quota())  # a commit through this same store, too
+        assert reader.data_version() != after
+    finally:
+        reader.close()
+        writer.close()
+
+
+def test_no_version_means_no_caching(store_url: str) -> None:
+    store = Store(store_url)
+    try:
+        version = store.data_version()
+        assert (version is None) == store_url.startswith("postgresql")
+    finally:
+        store.close()
+
+
+def test_cache_hits_only_at_the_same_version_and_evicts_the_oldest() -> None:
+    cache = ReadCache(size=2)
+    cache.put("a", 1, "page a")
+    assert cache.get("a", 1) == "page a"
+    assert cache.get("a", 2) is None
+    cache.put("b", 1, "page b")
+    cache.get("a", 1)  # a is now the most recently used
+    cache.put("c", 1, "page c")
+    assert cache.get("b", 1) is None
+    assert cache.get("a", 1) == "page a"
+    assert cache.get("c", 1) == "page c"
