@@ -1,0 +1,146 @@
+"""Users, roles, projects, tokens and quotas; mass assignment refused."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from tests.api.conftest import PASSWORD, Team, finish, is_problem
+from tests.serving import Served, wait_for_job
+
+
+def test_tokens_of_each_kind(served: Served, team: Team) -> None:
+    for role in ("op1", "op2", "viewer"):
+        with team.client(role) as c:
+            assert c.get("/auth/me").json()["name"] == team.users[role]
+    for role in ("revoked", "expired", "anonymous"):
+        with team.client(role) as c:
+            is_problem(c.get("/auth/me"), 401)
+    with served.client() as anon:
+        is_problem(anon.get("/auth/me", headers={"Authorization": "Bearer corral_x_y"}), 401)
+        is_problem(anon.get("/auth/me", headers={"Authorization": "Bearer nonsense"}), 401)
+        is_problem(anon.post("/auth/token", json={"name": team.users["op1"],
+                                                  "password": "wrong-password"}), 401)
+    with team.client("op1") as c:
+        mine = {t["name"] for t in c.get("/tokens").json()}
+        assert {"cli", "soon-revoked", "short"} <= mine
+        assert all(t["user"] == team.users["op1"] for t in c.get("/tokens").json())
+        new = c.post("/tokens", json={"name": "ci", "expires_in": 3600}).json()
+        assert new["token"].startswith("corral_") and new["expires_at"] is not None
+        with served.client(new["token"]) as fresh:
+            assert fresh.get("/auth/me").status_code == 200
+            assert c.delete(f"/tokens/{new['id']}").json()["revoked_at"] is not None
+            is_problem(fresh.get("/auth/me"), 401)  # revocation takes effect at once
+        assert "secret" not in str(c.get("/tokens").json())
+    with team.client("op2") as other:  # someone else's token: not found
+        is_problem(other.delete(f"/tokens/{new['id']}"), 404)
+
+
+def test_quota_refuses_machines_vcpus_memory_and_disk(served: Served) -> None:
+    with served.admin() as c:
+        c.post("/projects", json={"name": "pq", "quota": {
+            "machines": 2, "cpus": 2, "memory_bytes": 256 << 20, "disk_bytes": 1 << 30,
+        }}).raise_for_status()
+
+        def create(suffix: str, **spec: object) -> httpx.Response:
+            return c.post("/machines", json={"name": served.name(suffix), "image": "appliance",
+                                             "project": "pq", "start": False,
+                                             "memory_bytes": 128 << 20, **spec})
+
+        for spec, what in (
+            ({"count": 3}, "machines"),
+            ({"cpus": 2, "count": 2}, "vCPUs"),
+            ({"memory_bytes": 512 << 20}, "memory"),
+            ({"disk_bytes": 2 << 30}, "disk"),
+        ):
+            problem = is_problem(create("q", **spec), 409)
+            assert f"{what} quota" in problem["detail"], problem
+        finish(c, create("q1"))
+        finish(c, create("q2"))
+        is_problem(create("q3"), 409)
+        usage = c.get("/projects/pq").json()["usage"]
+        assert usage["machines"] == 2 and usage["memory_bytes"] == 256 << 20
+        for suffix in ("q1", "q2"):
+            finish(c, c.delete(f"/machines/{served.name(suffix)}"))
+
+
+def test_quota_holds_under_concurrent_creations(served: Served) -> None:
+    quota = 3
+    with served.admin() as c:
+        c.post("/projects", json={"name": "pc", "quota": {"machines": quota}}
+               ).raise_for_status()
+    seen: list[int] = []
+    stop = threading.Event()
+
+    def watch() -> None:
+        with served.admin() as w:
+            while not stop.is_set():
+                seen.append(w.get("/projects/pc").json()["usage"]["machines"])
+                time.sleep(0.01)
+
+    def create(i: int) -> httpx.Response:
+        with served.admin() as mine:
+            return mine.post("/machines", json={
+                "name": served.name(f"race{i}"), "image": "appliance", "project": "pc",
+                "start": False,
+            })
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            answers = list(pool.map(create, range(8)))
+        accepted = [r.json()["jobs"][0]["id"] for r in answers if r.status_code == 202]
+        assert all(r.status_code in (202, 409) for r in answers), [r.text for r in answers]
+        with served.admin() as c:
+            finals = [wait_for_job(c, job)["state"] for job in accepted]
+    finally:
+        stop.set()
+        watcher.join()
+    assert finals.count("succeeded") <= quota
+    assert max(seen) <= quota
+    with served.admin() as c:
+        machines = c.get("/machines", params={"project": "pc"}).json()
+        assert machines["total"] == finals.count("succeeded") <= quota
+        for m in machines["items"]:
+            finish(c, c.delete(f"/machines/{m['name']}"))
+
+
+@pytest.mark.parametrize("field", [
+    {"owner": "admin"}, {"uuid": "00000000-0000-0000-0000-000000000000"},
+    {"disk_path": "/etc/shadow"}, {"created_at": "2020-01-01T00:00:00Z"},
+    {"mac": "52:54:00:00:00:01"}, {"record_state": "ready"},
+])
+def test_mass_assignment_is_refused(team: Team, field: dict[str, str]) -> None:
+    with team.client("op1") as c:
+        body = {"name": team.served.name("mass"), "image": "appliance", "project": "p1",
+                "start": False, **field}
+        problem = is_problem(c.post("/machines", json=body), 422)
+        assert any(e["type"] == "extra_forbidden" for e in problem["errors"])
+        assert c.get("/machines", params={"prefix": team.served.name("mass")}
+                     ).json()["total"] == 0
+
+
+def test_host_and_project_are_not_a_way_in(team: Team) -> None:
+    name = team.served.name("sneak")
+    with team.client("op1") as c:
+        is_problem(c.post("/machines", json={"name": name, "image": "appliance",
+                                             "project": "p1", "host": "local",
+                                             "start": False}), 403)
+        is_problem(c.post("/machines", json={"name": name, "image": "appliance",
+                                             "project": "p2", "start": False}), 404)
+        is_problem(c.post("/machines/x/clone", json={"name": name, "project": "p2"}), 422)
+        is_problem(c.patch(f"/users/{team.users['op1']}", json={"role": "admin"}), 403)
+        is_problem(c.patch(f"/users/{team.users['op1']}", json={"projects": ["p2"]}), 403)
+        is_problem(c.post("/users", json={"name": "mallory", "password": PASSWORD,
+                                          "role": "admin"}), 403)
+    with team.client("viewer") as v:
+        is_problem(v.post("/machines", json={"name": name, "image": "appliance",
+                                             "project": "p1", "start": False}), 403)
+    with team.client("op1") as c:
+        assert c.get("/machines", params={"prefix": name}).json()["total"] == 0
+        assert c.get("/auth/me").json()["role"] == "operator"
