@@ -255,3 +255,20 @@ def _walk_through(page: Page, served: Served, shots: Path) -> None:
     expect(page.locator("#machine-rows")).to_contain_text("No machines yet")
     with served.admin() as api:
         assert api.get("/machines").json()["items"] == []
+
+
+def test_a_viewer_sees_no_audit_log_and_no_console(bare: Served) -> None:
+    with bare.admin() as api:
+        api.post("/users", json={"name": "vera", "password": "vera-password-1",
+                                 "role": "viewer", "projects": ["default"]}).raise_for_status()
+    with httpx.Client(base_url=bare.url) as client:
+        r = client.post("/auth/session", json={"name": "vera", "password": "vera-password-1"})
+        r.raise_for_status()
+        client.cookies.set("corral_session", r.cookies["corral_session"])
+        dashboard = client.get("/ui/").raise_for_status().text
+        assert "vera" in dashboard and 'href="/ui/audit"' not in dashboard
+        audit = client.get("/ui/audit")
+        assert audit.status_code == 403
+        assert "Only an admin may do this." in audit.text
+        missing = client.get("/ui/machines/nothing")
+        assert missing.status_code == 404 and "Not found" in missing.text

@@ -208,6 +208,8 @@ def _overview(caller: Principal, svc: ServicesDep) -> dict[str, Any]:
         "jobs": jobs,
         "active_jobs": sum(j.state in ACTIVE_JOBS for j in jobs),
         "image_count": len(image_routes.list_images(caller, svc)),
+        "events": job_routes.list_events(caller, svc, limit=8, before=None, after=None,
+                                         target=None).items,
     }
 
 
