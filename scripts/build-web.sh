@@ -14,8 +14,9 @@ if [[ -f $stamp && "$(cat "$stamp")" == "$want" && "${1:-}" != "--force" ]]; the
 fi
 
 if ! command -v npm >/dev/null; then
-  echo "build-web: npm is needed to vendor the console's libraries (apt-get install npm)" >&2
-  exit 1
+  # Machines of this kind ship Node.js with npm; a bare Debian gets Debian's own.
+  echo "==> Installing npm from Debian's packages"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends npm >/dev/null
 fi
 echo "==> Vendoring the web console's libraries (npm ci in $web/)"
 (cd "$web" && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error)

@@ -17,6 +17,7 @@ PACKAGES=(
   dpkg-dev                              # apt-get download, dpkg-deb
   postgresql                            # the store's tests also run against PostgreSQL
   chromium                              # the console's end-to-end tests (driven by Playwright)
+  wrk                                   # HTTP load for the API benchmark (make bench)
   python3-venv
 )
 
