@@ -50,7 +50,7 @@ while True:
 _SERVE = """
 import uvicorn
 from corral.config import load_settings
-from corral.api import create_app as build_app
+from corral.web.server import build_app
 uvicorn.run(build_app(load_settings()), host="127.0.0.1", port={port}, log_level="warning",
             access_log=False)
 """
