@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import Annotated
 
 import typer
 from pydantic import ValidationError
 
-from corral.cli import hosts, images, jobs, server, vms
+from corral.cli import accounts, hosts, images, jobs, login, server, vms
+from corral.cli.backend import OPTIONS, local_only
 from corral.cli.common import OutputOpt, context
 from corral.cli.render import Output, emit, err, error
-from corral.errors import CorralError
+from corral.errors import CorralError, InvalidInput
 from corral.ops import reconcile
 
 app = typer.Typer(
@@ -24,12 +26,39 @@ app.add_typer(hosts.app, name="host")
 app.add_typer(images.app, name="image")
 app.add_typer(vms.app, name="vm")
 app.add_typer(jobs.app, name="job")
+app.add_typer(accounts.users, name="user")
+app.add_typer(accounts.projects, name="project")
+app.add_typer(accounts.tokens, name="token")
 app.command()(server.serve)
+app.command()(login.login)
+app.command()(login.logout)
+
+
+@app.callback()
+def options(
+    server: Annotated[
+        str | None,
+        typer.Option("--server", envvar="CORRAL_SERVER", show_envvar=True,
+                     help="talk to this Corral server (URL) instead of the local store"),
+    ] = None,
+    local: Annotated[
+        bool, typer.Option("--local", help="use the local store even when logged in")
+    ] = False,
+) -> None:
+    """Corral: one console over every machine a data center runs.
+
+    After 'corral login' (or with --server), commands run on that server.
+    """
+    if server and local:
+        raise InvalidInput("--server and --local contradict each other; choose one.")
+    OPTIONS.server = server or None
+    OPTIONS.local = local
 
 
 @app.command()
 def sync(output: OutputOpt = Output.TABLE) -> None:
     """Reconcile the store with libvirt and report every difference."""
+    local_only("sync")
     from rich.table import Table
 
     with context() as ctx:

@@ -8,8 +8,9 @@ from typing import Annotated
 import typer
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 
+from corral.cli.backend import ImportRequest, backend, local_only
 from corral.cli.common import OutputOpt, context
-from corral.cli.render import Output, details_table, emit, err, image_dict, images_table, out
+from corral.cli.render import Output, details_table, emit, err, images_table, out
 from corral.model import ImageFormat
 from corral.ops import images as ops
 
@@ -20,18 +21,17 @@ app = typer.Typer(help="The image library: read-only bases that machines clone."
 @app.command("list")
 def list_images(output: OutputOpt = Output.TABLE) -> None:
     """List the images in the library."""
-    with context(enroll=False) as ctx:
-        images = ctx.store.list_images()
-        emit([image_dict(i) for i in images], output, images_table(images))
+    with backend(enroll=False) as b:
+        rows = b.images()
+    emit(rows, output, images_table(rows))
 
 
 @app.command()
 def show(name: str, output: OutputOpt = Output.TABLE) -> None:
     """Show an image: format, size, checksum and how it boots."""
-    with context(enroll=False) as ctx:
-        d = image_dict(ctx.store.get_image(name))
-        d["used_by"] = ctx.store.machines_using_image(name)
-        emit(d, output, details_table(d))
+    with backend(enroll=False) as b:
+        d = b.image(name)
+    emit(d, output, details_table(d))
 
 
 @app.command("import")
@@ -47,24 +47,26 @@ def import_image(
     cmdline: Annotated[str, typer.Option(help="kernel command line")] = "",
 ) -> None:
     """Inspect an image and import it as a read-only qcow2 base."""
-    with context(enroll=False) as ctx, Progress(
+    request = ImportRequest(file, name, fmt, kernel, initrd, cmdline)
+    with backend(enroll=False) as b, Progress(
         TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
         TimeRemainingColumn(), console=err, transient=True,
     ) as bar:
         task = bar.add_task(f"importing {file.name}", total=100)
-        image = ops.import_image(
-            ctx, file, name=name, declared=fmt, kernel=kernel, initrd=initrd,
-            cmdline=cmdline, progress=lambda pct: bar.update(task, completed=pct),
-        )
-    out.print(f"Imported [bold]{image.name}[/] ({image.source_format.value}, sha256 "
-              f"{image.sha256[:12]}…).")
+
+        def progress(what: str, pct: float) -> None:
+            bar.update(task, description=what, completed=pct)
+
+        image = b.import_image(request, progress)
+    out.print(f"Imported [bold]{image['name']}[/] ({image['source_format']}, sha256 "
+              f"{image['sha256'][:12]}…).")
 
 
 @app.command()
 def delete(name: str) -> None:
     """Delete an image; refused while a machine's disk depends on it."""
-    with context(enroll=False) as ctx:
-        ops.delete_image(ctx, name)
+    with backend(enroll=False) as b:
+        b.delete_image(name)
     out.print(f"Deleted image [bold]{name}[/].")
 
 
@@ -73,6 +75,7 @@ def build_appliance(
     force: Annotated[bool, typer.Option(help="rebuild even if it exists")] = False,
 ) -> None:
     """Build the built-in appliance (Debian cloud kernel + busybox) and import it."""
+    local_only("image build-appliance")
     with context(enroll=False) as ctx:
         image = ops.build_appliance(ctx, log=lambda s: err.print(f"[dim]{s}[/]"), force=force)
     out.print(f"Appliance image [bold]{image.name}[/] is ready ({image.sha256[:12]}…).")

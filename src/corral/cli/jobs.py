@@ -2,32 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from datetime import datetime
+from typing import Annotated
 
 import typer
 from rich.table import Table
 
-from corral.cli.common import OutputOpt, context
+from corral.cli.backend import backend
+from corral.cli.common import OutputOpt
 from corral.cli.render import Output, emit
-from corral.model import Job, JobState
+from corral.model import JobState
 
 app = typer.Typer(help="Jobs: provision, clone, delete and import, step by step.",
                   no_args_is_help=True)
 
 _STYLE = {"succeeded": "green", "running": "yellow", "failed": "red", "rolled-back": "red"}
-
-
-def job_dict(job: Job) -> dict[str, Any]:
-    return {
-        "id": job.id,
-        "kind": job.kind,
-        "target": job.target,
-        "state": job.state.value,
-        "error": job.error,
-        "created_at": job.created_at.isoformat(),
-        "finished_at": job.finished_at.isoformat() if job.finished_at else None,
-        "steps": [{"name": s.name, "state": s.state.value} for s in job.steps],
-    }
 
 
 @app.command("list")
@@ -37,23 +26,24 @@ def list_jobs(
     output: OutputOpt = Output.TABLE,
 ) -> None:
     """List recent jobs, newest first."""
-    with context(enroll=False) as ctx:
-        jobs = ctx.store.list_jobs(state, limit=limit)
+    with backend(enroll=False) as b:
+        jobs = b.jobs(state, limit)
     table = Table("ID", "KIND", "TARGET", "STATE", "STARTED", "ERROR", box=None)
     for j in jobs:
-        table.add_row(str(j.id), j.kind, j.target,
-                      f"[{_STYLE.get(j.state.value, 'white')}]{j.state.value}[/]",
-                      j.created_at.strftime("%Y-%m-%d %H:%M:%S"), j.error or "")
-    emit([job_dict(j) for j in jobs], output, table)
+        started = datetime.fromisoformat(j["created_at"]).strftime("%Y-%m-%d %H:%M:%S")
+        table.add_row(str(j["id"]), j["kind"], j["target"],
+                      f"[{_STYLE.get(j['state'], 'white')}]{j['state']}[/]",
+                      started, j["error"] or "")
+    emit(jobs, output, table)
 
 
 @app.command()
 def show(job_id: int, output: OutputOpt = Output.TABLE) -> None:
     """Show one job and the state of each of its steps."""
-    with context(enroll=False) as ctx:
-        job = ctx.store.get_job(job_id)
-    table = Table("STEP", "STATE", box=None, title=f"job {job.id}: {job.kind} {job.target} "
-                  f"({job.state.value})")
-    for st in job.steps:
-        table.add_row(st.name, st.state.value)
-    emit(job_dict(job), output, table)
+    with backend(enroll=False) as b:
+        job = b.job(job_id)
+    table = Table("STEP", "STATE", box=None, title=f"job {job['id']}: {job['kind']} "
+                  f"{job['target']} ({job['state']})")
+    for st in job["steps"]:
+        table.add_row(st["name"], st["state"])
+    emit(job, output, table)

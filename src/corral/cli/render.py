@@ -11,7 +11,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from corral.model import Host, Image
+from corral.model import Host, Image, Job
 from corral.model.units import format_size
 from corral.ops.lifecycle import MachineStatus
 
@@ -57,6 +57,7 @@ def host_dict(h: Host) -> dict[str, Any]:
 def image_dict(i: Image) -> dict[str, Any]:
     return {
         "name": i.name,
+        "project": i.project,
         "path": i.path,
         "source_format": i.source_format.value,
         "virtual_size": i.virtual_size,
@@ -69,10 +70,24 @@ def image_dict(i: Image) -> dict[str, Any]:
     }
 
 
+def job_dict(job: Job) -> dict[str, Any]:
+    return {
+        "id": job.id,
+        "kind": job.kind,
+        "target": job.target,
+        "state": job.state.value,
+        "error": job.error,
+        "created_at": job.created_at.isoformat(),
+        "finished_at": job.finished_at.isoformat() if job.finished_at else None,
+        "steps": [{"name": s.name, "state": s.state.value} for s in job.steps],
+    }
+
+
 def machine_dict(s: MachineStatus) -> dict[str, Any]:
     m = s.machine
     return {
         "name": m.name,
+        "project": m.project,
         "state": state_text(s),
         "record": m.record_state.value,
         "host": m.host,
@@ -103,38 +118,37 @@ _STATE_STYLE = {"running": "green", "shut-off": "dim", "paused": "yellow", "miss
                 "crashed": "red"}
 
 
-def hosts_table(hosts: Sequence[Host]) -> Table:
+def hosts_table(hosts: Sequence[dict[str, Any]]) -> Table:
     t = Table("NAME", "URI", "CPUS", "MEMORY", "ACCEL", "POOL", box=None)
     for h in hosts:
-        t.add_row(h.name, h.uri, str(h.facts.cpus), format_size(h.facts.memory_bytes),
-                  h.accelerator.value, h.pool_path)
+        t.add_row(h["name"], h["uri"], str(h["cpus"]), format_size(h["memory_bytes"]),
+                  h["accelerator"], h["pool_path"])
     return t
 
 
-def images_table(images: Sequence[Image]) -> Table:
+def images_table(images: Sequence[dict[str, Any]]) -> Table:
     t = Table("NAME", "FORMAT", "VIRTUAL", "BOOT", "SHA256", box=None)
     for i in images:
-        t.add_row(i.name, i.source_format.value, format_size(i.virtual_size),
-                  "kernel" if i.kernel_boot else "disk", i.sha256[:12])
+        t.add_row(i["name"], i["source_format"], format_size(i["virtual_size"]), i["boot"],
+                  i["sha256"][:12])
     return t
 
 
-def machines_table(statuses: Sequence[MachineStatus]) -> Table:
+def machines_table(machines: Sequence[dict[str, Any]]) -> Table:
     t = Table("NAME", "STATE", "HOST", "IMAGE", "UUID", "MAC", "VIRTUAL", "OWNED", "SHARED",
               box=None)
-    for s in statuses:
-        state = state_text(s)
-        u = s.usage
+    for m in machines:
+        state = m["state"]
         t.add_row(
-            s.machine.name,
+            m["name"],
             f"[{_STATE_STYLE.get(state, 'white')}]{state}[/]",
-            s.machine.host,
-            s.machine.image or "-",
-            s.machine.identity.uuid,
-            s.machine.identity.mac or "-",
-            format_size(u.virtual_size) if u else "-",
-            format_size(u.owned_bytes) if u else "-",
-            format_size(u.shared_bytes) if u else "-",
+            m["host"],
+            m["image"] or "-",
+            m["uuid"],
+            m["mac"] or "-",
+            format_size(m["virtual_size"]),
+            format_size(m["owned_bytes"]),
+            format_size(m["shared_bytes"]),
         )
     return t
 

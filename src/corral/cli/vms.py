@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.live import Live
-from rich.table import Table
 
+from corral.cli.backend import backend, local_only
 from corral.cli.common import OutputOpt, context
 from corral.cli.render import (
     Output,
@@ -25,8 +23,7 @@ from corral.cli.render import (
 from corral.errors import CorralError, InvalidInput
 from corral.model import CloneMode, MachineSpec
 from corral.model.units import parse_size
-from corral.ops import lifecycle, provision, reconcile
-from corral.ops.context import Context
+from corral.ops import lifecycle, reconcile
 
 app = typer.Typer(help="Machines: create, inspect, power, clone, delete.", no_args_is_help=True)
 
@@ -64,39 +61,13 @@ def create(
     )
     if wait and no_start:
         raise InvalidInput("--wait and --no-start contradict each other; choose one.")
-    with context() as ctx:
-        result = provision.create_machines(ctx, spec, count)
-        if wait and result.created:
-            _wait(ctx, [m.name for m in result.created], timeout or ctx.settings.ready_timeout)
-        statuses = [lifecycle.status(ctx, m) for m in result.created]
-        emit([machine_dict(s) for s in statuses], output, machines_table(statuses))
+    with backend() as b:
+        result = b.create_machines(spec, count, wait=wait, timeout=timeout)
+        emit(result.created, output, machines_table(result.created))
     for failed_name, exc in result.failed.items():
         error(f"{failed_name}: {exc}")
     if result.failed:
         raise typer.Exit(next(iter(result.failed.values())).exit_code)
-
-
-def _wait(ctx: Context, names: list[str], timeout: float) -> None:
-    began = time.monotonic()
-    states = dict.fromkeys(names, "booting")
-    took: dict[str, float] = {}
-
-    def table() -> Table:
-        t = Table("MACHINE", "STATUS", "SECONDS", box=None)
-        for n in names:
-            seconds = took.get(n, time.monotonic() - began)
-            style = "green" if states[n] == "ready" else "yellow"
-            t.add_row(n, f"[{style}]{states[n]}[/]", f"{seconds:5.1f}")
-        return t
-
-    def update(n: str, status: str) -> None:
-        states[n] = status
-        took[n] = time.monotonic() - began
-        live.update(table())
-
-    with Live(table(), console=err, refresh_per_second=4, transient=False) as live:
-        provision.wait_ready(ctx, names, timeout, update)
-        live.update(table())
 
 
 def _read_key(path: Path) -> str:
@@ -112,24 +83,24 @@ def _read_key(path: Path) -> str:
 @app.command("list")
 def list_machines(output: OutputOpt = Output.TABLE) -> None:
     """List machines with state, identity and the disk bytes each owns."""
-    with context() as ctx:
-        statuses = [lifecycle.status(ctx, m) for m in ctx.store.list_machines()]
-        emit([machine_dict(s) for s in statuses], output, machines_table(statuses))
+    with backend() as b:
+        rows = b.machines()
+    emit(rows, output, machines_table(rows))
 
 
 @app.command()
 def show(name: str, output: OutputOpt = Output.TABLE) -> None:
     """Show one machine: state, identity, image and disk usage."""
-    with context() as ctx:
-        d = machine_dict(lifecycle.status(ctx, ctx.store.get_machine(name)))
-        emit(d, output, details_table(d))
+    with backend() as b:
+        d = b.machine(name)
+    emit(d, output, details_table(d))
 
 
 @app.command()
 def start(name: str) -> None:
     """Start a stopped machine."""
-    with context() as ctx:
-        lifecycle.start(ctx, name)
+    with backend() as b:
+        b.start(name)
     out.print(f"Started [bold]{name}[/].")
 
 
@@ -139,24 +110,24 @@ def stop(
     timeout: Annotated[float | None, typer.Option(help="seconds before forcing it off")] = None,
 ) -> None:
     """Shut down gracefully (ACPI); power off after the timeout."""
-    with context() as ctx:
-        graceful = lifecycle.stop(ctx, name, timeout or ctx.settings.stop_timeout)
+    with backend() as b:
+        graceful = b.stop(name, timeout)
     out.print(f"Stopped [bold]{name}[/]" + ("." if graceful else " (forced after the timeout)."))
 
 
 @app.command()
 def reboot(name: str) -> None:
     """Reboot gracefully (ACPI)."""
-    with context() as ctx:
-        lifecycle.reboot(ctx, name)
+    with backend() as b:
+        b.reboot(name)
     out.print(f"Rebooting [bold]{name}[/].")
 
 
 @app.command()
 def kill(name: str) -> None:
     """Power off at once, like pulling the plug."""
-    with context() as ctx:
-        lifecycle.kill(ctx, name)
+    with backend() as b:
+        b.kill(name)
     out.print(f"Powered off [bold]{name}[/].")
 
 
@@ -167,10 +138,10 @@ def delete(
 ) -> None:
     """Delete machines: domain, disk, seed and record."""
     failures: list[CorralError] = []
-    with context() as ctx:
+    with backend() as b:
         for name in names:
             try:
-                lifecycle.delete(ctx, name, force=force)
+                b.delete_machine(name, force=force)
                 out.print(f"Deleted [bold]{name}[/].")
             except CorralError as exc:
                 failures.append(exc)
@@ -189,15 +160,15 @@ def clone(
     output: OutputOpt = Output.TABLE,
 ) -> None:
     """Clone a stopped machine into a new one with a new name, UUID, MAC and seed."""
-    with context() as ctx:
-        machine = lifecycle.clone(ctx, source, new, mode)
-        d = machine_dict(lifecycle.status(ctx, machine))
-        emit(d, output, details_table(d))
+    with backend() as b:
+        d = b.clone_machine(source, new, mode)
+    emit(d, output, details_table(d))
 
 
 @app.command()
 def console(name: str) -> None:
     """Attach to the serial console (Ctrl-] detaches)."""
+    local_only("vm console")
     with context() as ctx:
         ctx.store.get_machine(name)
         err.print(f"Connected to {name}; Ctrl-] detaches.", highlight=False)
@@ -207,6 +178,7 @@ def console(name: str) -> None:
 @app.command()
 def adopt(name: str, output: OutputOpt = Output.TABLE) -> None:
     """Take over a domain defined outside Corral (see 'corral sync')."""
+    local_only("vm adopt")
     with context() as ctx:
         machine = reconcile.adopt(ctx, name)
         d = machine_dict(lifecycle.status(ctx, machine))
