@@ -62,6 +62,9 @@ def test_quota_refuses_machines_vcpus_memory_and_disk(served: Served) -> None:
         finish(c, create("q1"))
         finish(c, create("q2"))
         is_problem(create("q3"), 409)
+        problem = is_problem(c.post(f"/machines/{served.name('q1')}/clone",
+                                    json={"name": served.name("q1-copy")}), 409)
+        assert "machines quota" in problem["detail"]
         usage = c.get("/projects/pq").json()["usage"]
         assert usage["machines"] == 2 and usage["memory_bytes"] == 256 << 20
         for suffix in ("q1", "q2"):
