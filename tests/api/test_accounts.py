@@ -19,7 +19,9 @@ def test_tokens_of_each_kind(served: Served, team: Team) -> None:
             assert c.get("/auth/me").json()["name"] == team.users[role]
     for role in ("revoked", "expired", "anonymous"):
         with team.client(role) as c:
-            is_problem(c.get("/auth/me"), 401)
+            r = c.get("/auth/me")
+            is_problem(r, 401)
+            assert r.headers["WWW-Authenticate"].startswith("Bearer")
     with served.client() as anon:
         is_problem(anon.get("/auth/me", headers={"Authorization": "Bearer corral_x_y"}), 401)
         is_problem(anon.get("/auth/me", headers={"Authorization": "Bearer nonsense"}), 401)

@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
-from corral.errors import CorralError, TooManyRequests
+from corral.errors import CorralError, TooManyRequests, Unauthenticated
 
 log = logging.getLogger(__name__)
 MEDIA_TYPE = "application/problem+json"
@@ -63,6 +63,8 @@ def install(app: FastAPI) -> None:
         response = problem_response(exc.http_status, _slug(name), _title(name), str(exc))
         if isinstance(exc, TooManyRequests):
             response.headers["Retry-After"] = str(exc.retry_after)
+        if isinstance(exc, Unauthenticated):  # RFC 9110: a 401 names its scheme
+            response.headers["WWW-Authenticate"] = 'Bearer realm="corral"'
         if exc.http_status >= 500:
             log.error("%s: %s", name, exc)
         return response
