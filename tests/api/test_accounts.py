@@ -149,3 +149,19 @@ def test_host_and_project_are_not_a_way_in(team: Team) -> None:
     with team.client("op1") as c:
         assert c.get("/machines", params={"prefix": name}).json()["total"] == 0
         assert c.get("/auth/me").json()["role"] == "operator"
+
+
+def test_the_last_admin_stays_an_admin(served: Served) -> None:
+    with served.admin() as admin:
+        r = admin.patch("/users/admin", json={"role": "viewer"})
+        assert r.status_code == 409, r.text
+        assert "last admin" in r.json()["detail"]
+        assert admin.get("/users/admin").json()["role"] == "admin"
+        second = "admin-two"
+        admin.post("/users", json={"name": second, "password": "another-long-password",
+                                   "role": "admin"}).raise_for_status()
+        try:
+            r = admin.patch(f"/users/{second}", json={"role": "viewer"})
+            assert r.status_code == 200, r.text  # another admin remains
+        finally:
+            admin.delete(f"/users/{second}")

@@ -101,6 +101,7 @@ class LoginThrottle:
 
     attempts: int = 5
     window: float = 60.0
+    remembered: int = 10_000
     _failures: dict[str, deque[float]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -120,6 +121,10 @@ class LoginThrottle:
         with self._lock:
             for key in keys:
                 self._recent(key, now).append(now)
+            if len(self._failures) > self.remembered:
+                # Guessed names must not grow memory without bound: forget stale keys.
+                for key in [k for k, v in self._failures.items() if not self._recent(k, now)]:
+                    del self._failures[key]
 
     def succeeded(self, *keys: str) -> None:
         with self._lock:

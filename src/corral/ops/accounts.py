@@ -100,6 +100,14 @@ def create_user(
     return store.add_user(name, _hasher.hash(password), role, projects)
 
 
+def keep_an_admin(store: Store, name: str) -> None:
+    """Refuse to demote or remove ``name`` when it is the last admin: nobody could
+    manage users any more."""
+    admins = [u.name for u in store.list_users() if u.role is Role.ADMIN]
+    if admins == [name]:
+        raise Conflict(f"'{name}' is the last admin.", hint="Make another user admin first.")
+
+
 def set_password(store: Store, name: str, password: str) -> User:
     check_password(password)
     return store.update_user(name, password_hash=_hasher.hash(password))

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
+import pytest
+
 from corral.api.services import ReadCache
+from corral.errors import TooManyRequests
 from corral.model import Quota
 from corral.store import Store
 
@@ -47,3 +51,17 @@ def test_cache_hits_only_at_the_same_version_and_evicts_the_oldest() -> None:
     assert cache.get("b", 1) is None
     assert cache.get("a", 1) == "page a"
     assert cache.get("c", 1) == "page c"
+
+
+def test_login_throttle_forgets_stale_names() -> None:
+    from corral.api.services import LoginThrottle
+
+    throttle = LoginThrottle(attempts=2, window=0.05, remembered=10)
+    for i in range(10):
+        throttle.failed(f"user:guess{i}")
+    time.sleep(0.06)
+    throttle.failed("user:fresh")
+    assert set(throttle._failures) == {"user:fresh"}
+    throttle.failed("user:fresh")
+    with pytest.raises(TooManyRequests):
+        throttle.check("user:fresh")

@@ -75,6 +75,8 @@ def update_user(name: Name, body: UserUpdate, caller: Caller, svc: ServicesDep) 
     if body.role is not None or body.projects is not None:
         caller.require_admin()
         role = body.role or store.get_user(name).role
+        if role is not Role.ADMIN:
+            accounts.keep_an_admin(store, name)
         if role is Role.ADMIN and body.projects:
             raise InvalidInput("An admin sees every project; give no projects.")
         user = store.update_user(name, role=body.role,
@@ -91,6 +93,7 @@ def delete_user(name: Name, caller: Caller, svc: ServicesDep) -> None:
     caller.require_admin()
     if name == caller.name:
         raise InvalidInput("You cannot delete your own account.")
+    accounts.keep_an_admin(svc.ctx.store, name)
     svc.ctx.store.delete_user(name)
 
 
