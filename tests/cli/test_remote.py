@@ -168,3 +168,23 @@ def test_wrong_password_saves_nothing(remote: Remote, served: Served) -> None:
     no_creds = remote.run("--server", served.url, "image", "list")
     assert no_creds.returncode == 11
     one_error(no_creds)
+
+
+def test_tokens_on_the_server(remote: Remote, served: Served) -> None:
+    remote.login()
+    created = remote.run("token", "create", "--name", "ci", "--expires", "1d")
+    assert created.returncode == 0, created.stderr
+    secret = created.stdout.strip()
+    with served.client(secret) as client:
+        assert client.get("/auth/me").json()["name"] == "admin"
+    listed = {t["name"]: t for t in remote.json("token", "list")}
+    assert listed["ci"]["expires_at"] is not None and listed["ci"]["revoked_at"] is None
+    assert set(listed["ci"]) == {"id", "user", "name", "created_at", "expires_at", "revoked_at"}
+    remote.ok("token", "revoke", listed["ci"]["id"])
+    with served.client(secret) as client:
+        assert client.get("/auth/me").status_code == 401
+    # Users and projects are administered on the server's own host.
+    users = remote.run("user", "list")
+    assert users.returncode == 2
+    assert "--local" in one_error(users)
+    remote.ok("logout")

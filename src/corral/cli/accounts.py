@@ -13,8 +13,9 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from corral.cli.backend import local_only
+from corral.cli.backend import OPTIONS, is_remote, local_only
 from corral.cli.common import OutputOpt, context
+from corral.cli.remote import Client, connect, iso
 from corral.cli.render import Output, details_table, emit, err, out
 from corral.errors import InvalidInput
 from corral.model import Project, Quota, Role, Token, Usage, User
@@ -26,7 +27,8 @@ users = typer.Typer(help="Users and their roles (run on the server's host).",
                     no_args_is_help=True)
 projects = typer.Typer(help="Projects: who owns machines and images, with quotas.",
                        no_args_is_help=True)
-tokens = typer.Typer(help="API tokens for scripts and the CLI.", no_args_is_help=True)
+tokens = typer.Typer(help="API tokens for scripts and the CLI (also on a server: your own).",
+                     no_args_is_help=True)
 
 PasswordStdin = Annotated[
     bool, typer.Option("--password-stdin", help="read the password from standard input")
@@ -302,22 +304,36 @@ def create_token(
     expires: Annotated[
         str | None, typer.Option(help="lifetime, e.g. 30d or 12h (default: never)")
     ] = None,
-    user: Annotated[str, typer.Option(help="whose token")] = "admin",
+    user: Annotated[
+        str | None, typer.Option(help="whose token (local only; default admin)")
+    ] = None,
     output: OutputOpt = Output.TABLE,
 ) -> None:
     """Create an API token; its secret goes to standard output, shown only now."""
     lifetime = parse_duration(expires) if expires else None
-    with _store("token create") as store:
-        store.get_user(user)
-        issued = accounts.issue_token(store, user, name, expires_in=lifetime)
+    if is_remote():
+        if user is not None:
+            raise InvalidInput("On a server a token is always the logged-in user's; "
+                               "drop --user.")
+        with _server() as api:
+            body = {"name": name, "expires_in": None if lifetime is None
+                    else int(lifetime.total_seconds())}
+            d = _token_row(api.post("/tokens", body))
+            secret = str(d.pop("token"))
+    else:
+        user = user or "admin"
+        with _store("token create") as store:
+            store.get_user(user)
+            issued = accounts.issue_token(store, user, name, expires_in=lifetime)
+        d, secret = token_dict(issued.token), issued.secret
     if output is Output.JSON:
-        emit({**token_dict(issued.token), "token": issued.secret}, output, Table())
+        emit({**d, "token": secret}, output, Table())
         return
-    until = issued.token.expires_at
-    err.print(f"Created token [bold]{issued.token.id}[/] ({name}) for {user}, "
-              + (f"valid until {until:%Y-%m-%d %H:%M} UTC" if until else "never expiring")
+    until = d["expires_at"]
+    err.print(f"Created token [bold]{d['id']}[/] ({name}) for {d['user']}, "
+              + (f"valid until {_when(until)} UTC" if until else "never expiring")
               + "; the secret below is shown only now.", highlight=False)
-    print(issued.secret)
+    print(secret)
 
 
 @tokens.command("list")
@@ -326,8 +342,13 @@ def list_tokens(
     output: OutputOpt = Output.TABLE,
 ) -> None:
     """List API tokens (not browser sessions)."""
-    with _store("token list") as store:
-        rows = [token_dict(t) for t in store.list_tokens(user)]
+    if is_remote():
+        with _server() as api:
+            rows = [_token_row(t) for t in api.get("/tokens")
+                    if user is None or t["user"] == user]
+    else:
+        with _store("token list") as store:
+            rows = [token_dict(t) for t in store.list_tokens(user)]
     t = Table("ID", "USER", "NAME", "CREATED", "EXPIRES", "REVOKED", box=None)
     for r in rows:
         t.add_row(r["id"], r["user"], r["name"], _when(r["created_at"]),
@@ -339,6 +360,28 @@ def list_tokens(
 @tokens.command("revoke")
 def revoke_token(token_id: str) -> None:
     """Revoke a token at once."""
-    with _store("token revoke") as store:
-        store.revoke_token(token_id)
+    if is_remote():
+        with _server() as api:
+            api.delete(f"/tokens/{token_id}")
+    else:
+        with _store("token revoke") as store:
+            store.revoke_token(token_id)
     out.print(f"Revoked token [bold]{token_id}[/].")
+
+
+@contextmanager
+def _server() -> Iterator[Client]:
+    client = connect(OPTIONS.server)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+def _token_row(t: dict[str, Any]) -> dict[str, Any]:
+    """A token from the API, with times written as a local one's are."""
+    row = {k: t[k] for k in ("id", "user", "name")}
+    row.update({k: iso(t[k]) for k in ("created_at", "expires_at", "revoked_at")})
+    if "token" in t:
+        row["token"] = t["token"]
+    return row

@@ -194,7 +194,7 @@ def job_failure(job: Row) -> CorralError:
 # -- answers as render dicts -------------------------------------------------------------
 
 
-def _iso(value: str | None) -> str | None:
+def iso(value: str | None) -> str | None:
     return None if value is None else datetime.fromisoformat(value).isoformat()
 
 
@@ -235,7 +235,7 @@ def image_row(i: Row) -> Row:
         "kernel": None,
         "initrd": None,
         "cmdline": None,
-        "created_at": _iso(i["created_at"]),
+        "created_at": iso(i["created_at"]),
     }
 
 
@@ -263,8 +263,8 @@ def job_row(j: Row) -> Row:
         "target": j["target"],
         "state": j["state"],
         "error": j["error"],
-        "created_at": _iso(j["created_at"]),
-        "finished_at": _iso(j["finished_at"]),
+        "created_at": iso(j["created_at"]),
+        "finished_at": iso(j["finished_at"]),
         "steps": [{"name": s["name"], "state": s["state"]} for s in j["steps"]],
     }
 
