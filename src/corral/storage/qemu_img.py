@@ -42,13 +42,21 @@ class QemuImgLimits:
 
         Not a ``preexec_fn``: Corral starts qemu-img from worker threads, where running
         Python between fork and exec can deadlock.
+
+        The stack limit is also glibc's default thread stack size. At the usual 8 MiB,
+        the up to 64 I/O threads of a ``convert`` reserve 512 MiB of address space
+        between them and can trip the address-space limit (seen as SIGABRT).
         """
         return [
             "prlimit",
             f"--cpu={self.cpu_seconds}:{self.cpu_seconds}",
             f"--as={self.address_space}:{self.address_space}",
+            f"--stack={_THREAD_STACK}:{_THREAD_STACK}",
             "--",
         ]
+
+
+_THREAD_STACK = 1 << 20
 
 
 @dataclass(frozen=True)
