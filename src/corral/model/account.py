@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
+from corral.errors import QuotaExceeded
 from corral.model.states import Role
+from corral.model.units import format_size
 
 DEFAULT_PROJECT = "default"
 
@@ -19,6 +21,21 @@ class Quota:
     memory_bytes: int | None = None
     disk_bytes: int | None = None
 
+    def require_room(self, project: str, used: Usage, asked: Usage) -> None:
+        """Raise QuotaExceeded naming the first limit that ``used + asked`` would pass."""
+        for what, limit, in_use, wanted, show in (
+            ("machines", self.machines, used.machines, asked.machines, str),
+            ("vCPUs", self.cpus, used.cpus, asked.cpus, str),
+            ("memory", self.memory_bytes, used.memory_bytes, asked.memory_bytes, format_size),
+            ("disk", self.disk_bytes, used.disk_bytes, asked.disk_bytes, format_size),
+        ):
+            if limit is not None and in_use + wanted > limit:
+                raise QuotaExceeded(
+                    f"Project '{project}' would exceed its {what} quota: "
+                    f"{show(in_use)} in use + {show(wanted)} asked > {show(limit)}.",
+                    hint="Ask for less, delete machines, or ask an admin to raise the quota.",
+                )
+
 
 @dataclass(frozen=True, slots=True)
 class Usage:
@@ -26,6 +43,11 @@ class Usage:
     cpus: int
     memory_bytes: int
     disk_bytes: int
+
+    @classmethod
+    def of(cls, count: int, cpus: int, memory_bytes: int, disk_bytes: int) -> Usage:
+        """What ``count`` machines of one size hold together."""
+        return cls(count, count * cpus, count * memory_bytes, count * disk_bytes)
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,7 +19,7 @@ from argon2.exceptions import InvalidHashError, VerificationError
 
 from corral.errors import Conflict, Forbidden, InvalidInput, NotFound, Unauthenticated
 from corral.identity import check_name
-from corral.model import DEFAULT_PROJECT, Project, Quota, Role, Token, User
+from corral.model import DEFAULT_PROJECT, Project, Quota, Role, Token, Usage, User
 from corral.store import Store
 from corral.store.repository import utcnow
 
@@ -211,6 +211,12 @@ def ensure_first_admin(store: Store, password: str | None) -> str | None:
     except Conflict:
         return None  # another process made it first
     return password if generated else None
+
+
+def require_room(store: Store, project: str, asked: Usage) -> None:
+    """Refuse up front what the project's quota has no room for. The store checks
+    again, atomically, as each machine is recorded; this check spares a doomed job."""
+    store.get_project(project).quota.require_room(project, store.project_usage(project), asked)
 
 
 def create_project(store: Store, name: str, quota: Quota) -> Project:

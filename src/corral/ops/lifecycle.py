@@ -8,7 +8,8 @@ from pathlib import Path
 
 from corral.errors import Conflict, CorralError, NotFound
 from corral.identity import allocate_macs, check_name, new_identity
-from corral.model import CloneMode, DiskUsage, Job, Machine, PowerState
+from corral.model import CloneMode, DiskUsage, Job, Machine, PowerState, Usage
+from corral.ops import accounts
 from corral.ops import steps as _steps  # noqa: F401  (registers the step kinds)
 from corral.ops.context import Context
 from corral.ops.jobs import PlannedStep, Recovery, execute_job, job_kind, prepare_job
@@ -139,6 +140,8 @@ def prepare_clone(
         raise Conflict(f"A machine named '{new}' already exists.")
     if not src.managed or src.image is None:
         raise Conflict(f"Machine '{source}' was adopted; Corral cannot clone it yet.")
+    size = ctx.storage.usage(Path(src.disk_path)).virtual_size
+    accounts.require_room(ctx.store, src.project, Usage.of(1, src.cpus, src.memory_bytes, size))
     (mac,) = allocate_macs(1, lambda c: ctx.store.taken(macs=c))
     machine = new_machine(
         ctx,
@@ -151,10 +154,9 @@ def prepare_clone(
         clone=mode if src.clone is CloneMode.LINKED else CloneMode.FULL,
         ssh_keys=src.ssh_keys,
         project=src.project,
-        disk_bytes=ctx.storage.usage(Path(src.disk_path)).virtual_size,
+        disk_bytes=size,
     )
     identity = machine.identity
-    size = machine.disk_bytes
     args = machine_args(machine)
     return prepare_job(
         ctx,

@@ -16,12 +16,11 @@ from corral.errors import (
     InsufficientResources,
     InvalidInput,
     NotFound,
-    QuotaExceeded,
 )
 from corral.identity import allocate_macs, batch_names, new_identity
-from corral.model import CloneMode, Job, Machine, MachineSpec, PowerState
+from corral.model import CloneMode, Job, Machine, MachineSpec, PowerState, Usage
 from corral.model.units import format_size
-from corral.ops import lifecycle
+from corral.ops import accounts, lifecycle
 from corral.ops import steps as _steps  # noqa: F401  (registers the step kinds)
 from corral.ops.console import ReadyReport, read_ready
 from corral.ops.context import Context
@@ -67,7 +66,9 @@ def plan_machines(ctx: Context, spec: MachineSpec, count: int = 1) -> list[Job]:
         raise InvalidInput(f"This host's storage cannot make a {spec.clone} clone.")
     _check_resources(ctx, spec, disk_bytes, image.virtual_size, host.facts.memory_bytes,
                      host.facts.cpus)
-    _check_quota(ctx, spec, count, disk_bytes)
+    accounts.require_room(
+        ctx.store, spec.project, Usage.of(count, spec.cpus, spec.memory_bytes, disk_bytes)
+    )
     taken = ctx.store.taken(names=names) | (set(names) & ctx.driver.domain_names())
     if taken:
         raise Conflict(
@@ -129,27 +130,6 @@ def provision(ctx: Context, jobs: list[Job], *, start: bool) -> BatchResult:
     if start:
         created = _start_in_turn(ctx, created, failed)
     return BatchResult(created=created, failed=failed)
-
-
-def _check_quota(ctx: Context, spec: MachineSpec, count: int, disk: int) -> None:
-    """The whole batch against the project's quota, up front; the store re-checks each
-    machine atomically as it is recorded, so concurrent batches cannot overshoot."""
-    quota = ctx.store.get_project(spec.project).quota
-    used = ctx.store.project_usage(spec.project)
-    asks = (
-        ("machines", quota.machines, used.machines, count, str),
-        ("vCPUs", quota.cpus, used.cpus, count * spec.cpus, str),
-        ("memory", quota.memory_bytes, used.memory_bytes, count * spec.memory_bytes,
-         format_size),
-        ("disk", quota.disk_bytes, used.disk_bytes, count * disk, format_size),
-    )
-    for what, limit, in_use, wanted, show in asks:
-        if limit is not None and in_use + wanted > limit:
-            raise QuotaExceeded(
-                f"Project '{spec.project}' would exceed its {what} quota: "
-                f"{show(in_use)} in use + {show(wanted)} asked > {show(limit)}.",
-                hint="Ask for fewer or smaller machines, or ask an admin to raise the quota.",
-            )
 
 
 def _start_in_turn(

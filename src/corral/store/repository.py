@@ -19,7 +19,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from corral.errors import Conflict, NotFound, QuotaExceeded
+from corral.errors import Conflict, NotFound
 from corral.model import (
     Accelerator,
     AuditEntry,
@@ -44,7 +44,6 @@ from corral.model import (
     Usage,
     User,
 )
-from corral.model.units import format_size
 from corral.store.db import make_engine, migrate
 from corral.store.tables import (
     AuditRow,
@@ -247,7 +246,9 @@ class Store:
                 project = s.get(ProjectRow, machine.project, with_for_update=True)
                 if project is None:
                     raise NotFound("project", machine.project)
-                _check_quota(s, project, machine)
+                asked = Usage.of(1, machine.cpus, machine.memory_bytes, machine.disk_bytes or 0)
+                _project(project).quota.require_room(project.name, _usage(s, project.name),
+                                                     asked)
                 s.add(_machine_row(machine))
         except IntegrityError as exc:
             raise Conflict(
@@ -771,24 +772,6 @@ def _usage(s: Session, project: str) -> Usage:
         ).where(MachineRow.project == project)
     ).one()
     return Usage(machines=row[0], cpus=row[1], memory_bytes=row[2], disk_bytes=row[3] or 0)
-
-
-def _check_quota(s: Session, project: ProjectRow, m: Machine) -> None:
-    quota = _project(project).quota
-    used = _usage(s, project.name)
-    asks = (
-        ("machines", quota.machines, used.machines, 1, str),
-        ("vCPUs", quota.cpus, used.cpus, m.cpus, str),
-        ("memory", quota.memory_bytes, used.memory_bytes, m.memory_bytes, format_size),
-        ("disk", quota.disk_bytes, used.disk_bytes, m.disk_bytes or 0, format_size),
-    )
-    for what, limit, in_use, wanted, show in asks:
-        if limit is not None and in_use + wanted > limit:
-            raise QuotaExceeded(
-                f"Project '{project.name}' would exceed its {what} quota: "
-                f"{show(in_use)} in use + {show(wanted)} asked > {show(limit)}.",
-                hint="Delete machines, or ask an admin to raise the quota.",
-            )
 
 
 def _require_projects(s: Session, names: Collection[str]) -> None:

@@ -29,7 +29,7 @@ from corral.api.schemas import (
     as_utc,
 )
 from corral.api.services import Services
-from corral.errors import NotFound, QuotaExceeded
+from corral.errors import NotFound
 from corral.model import Machine, MachineSpec, RecordState
 from corral.ops import lifecycle, provision
 from corral.ops.accounts import Principal
@@ -210,28 +210,9 @@ def kill(name: Name, caller: Caller, svc: ServicesDep) -> MachineDetail:
 def clone(name: Name, body: MachineClone, caller: Caller, svc: ServicesDep) -> Accepted:
     source = visible(svc.ctx, caller, name)
     caller.require_manage(source.project)
-    _check_clone_quota(svc.ctx, source)
     job = lifecycle.prepare_clone(svc.ctx, name, body.name, body.clone)
     svc.worker.submit(f"cloning {name}", execute_job, svc.ctx, job)
     return Accepted(jobs=[JobOut.of(job)])
-
-
-def _check_clone_quota(ctx: Context, source: Machine) -> None:
-    """Refuse up front (409) a clone its project's quota has no room for; the store
-    checks again, atomically, when the clone is recorded."""
-    quota = ctx.store.get_project(source.project).quota
-    used = ctx.store.project_usage(source.project)
-    for what, limit, wanted in (
-        ("machines", quota.machines, used.machines + 1),
-        ("vCPUs", quota.cpus, used.cpus + source.cpus),
-        ("memory", quota.memory_bytes, used.memory_bytes + source.memory_bytes),
-        ("disk", quota.disk_bytes, used.disk_bytes + (source.disk_bytes or 0)),
-    ):
-        if limit is not None and wanted > limit:
-            raise QuotaExceeded(
-                f"Project '{source.project}' would exceed its {what} quota with this clone.",
-                hint="Delete machines, or ask an admin to raise the quota.",
-            )
 
 
 @router.delete(
