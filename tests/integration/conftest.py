@@ -25,6 +25,7 @@ from corral.config import Settings
 from corral.images.appliance import ApplianceArtifacts
 from corral.ops.context import Context
 from tests.libvirt_cleanup import remove_prefixed
+from tests.serving import import_appliance
 
 REPO = Path(__file__).resolve().parents[2]
 CORRAL = str(Path(sys.executable).parent / "corral")
@@ -103,19 +104,7 @@ def corral_env() -> Iterator[CorralEnv]:
 @pytest.fixture
 def with_appliance(corral_env: CorralEnv, appliance: ApplianceArtifacts) -> CorralEnv:
     """A Corral env whose library holds the shared appliance as image 'appliance'."""
-    from corral.model import ImageFormat
-    from corral.ops.images import import_image
-
-    with corral_env.context() as ctx:
-        import_image(
-            ctx,
-            appliance.disk,
-            name="appliance",
-            declared=ImageFormat.QCOW2,
-            kernel=appliance.kernel,
-            initrd=appliance.initrd,
-            cmdline=appliance.cmdline,
-        )
+    import_appliance(corral_env.settings(), appliance)
     return corral_env
 
 
