@@ -11,7 +11,6 @@ from datetime import datetime
 from functools import partial
 from typing import Annotated
 
-import anyio
 from fastapi import APIRouter, Query, Response
 
 from corral.api.deps import Caller, ServicesDep
@@ -96,7 +95,7 @@ async def list_machines(
     version = None if store_version is None else (store_version, svc.sweeper.version)
     body: bytes | None = None if version is None else svc.cache.get(key, version)
     if body is None:
-        body = await anyio.to_thread.run_sync(_machine_page, svc, where, after, limit)
+        body = await svc.read(_machine_page, svc, where, after, limit)
         if version is not None:
             svc.cache.put(key, version, body)
     return Response(body, media_type="application/json")
