@@ -165,3 +165,35 @@ def test_the_last_admin_stays_an_admin(served: Served) -> None:
             assert r.status_code == 200, r.text  # another admin remains
         finally:
             admin.delete(f"/users/{second}")
+
+
+def test_changing_ones_password_needs_the_current_one_and_ends_other_sessions(
+    served: Served,
+) -> None:
+    name, new = "pw-changer", "a-brand-new-password"
+    with served.admin() as admin:
+        admin.post("/users", json={"name": name, "password": PASSWORD, "role": "viewer"}
+                   ).raise_for_status()
+    try:
+        with served.client() as anon:
+            api_token = anon.post("/auth/token", json={"name": name, "password": PASSWORD}
+                                  ).json()["token"]
+        with served.client() as browser:  # another session, e.g. a stolen one
+            browser.post("/auth/session", json={"name": name, "password": PASSWORD}
+                         ).raise_for_status()
+            with served.client(api_token) as me:
+                for current in (None, "not-the-password"):
+                    body = {"password": new, **({"current_password": current} if current else {})}
+                    r = me.patch(f"/users/{name}", json=body)
+                    assert r.status_code == 403, r.text
+                r = me.patch(f"/users/{name}",
+                             json={"password": new, "current_password": PASSWORD})
+                assert r.status_code == 200, r.text
+                assert me.get("/auth/me").status_code == 200  # API tokens stay
+            assert browser.get("/auth/me").status_code == 401  # the session is over
+        with served.client() as anon:
+            assert anon.post("/auth/token", json={"name": name, "password": new}
+                             ).status_code == 201
+    finally:
+        with served.admin() as admin:
+            admin.delete(f"/users/{name}")

@@ -343,6 +343,9 @@ class UserUpdate(Strict):
     role: Role | None = None
     projects: list[Name] | None = Field(default=None, max_length=100)
     password: Annotated[str, StringConstraints(min_length=10, max_length=1024)] | None = None
+    current_password: Annotated[str, StringConstraints(max_length=1024)] | None = Field(
+        default=None, description="Needed to change one's own password."
+    )
 
 
 class UserOut(BaseModel):

@@ -601,6 +601,16 @@ class Store:
                 row.revoked_at = utcnow()
             return _token(row)
 
+    def revoke_sessions(self, user: str, *, keep: str | None = None) -> None:
+        """End every browser session of ``user`` but ``keep``; API tokens stay."""
+        with self._tx() as s:
+            s.execute(
+                update(TokenRow)
+                .where(TokenRow.user == user, TokenRow.csrf.is_not(None),
+                       TokenRow.revoked_at.is_(None), TokenRow.id != (keep or ""))
+                .values(revoked_at=utcnow())
+            )
+
     # -- audit log and events ----------------------------------------------------------
 
     def add_audit(self, actor: str, action: str, target: str, status: int) -> None:

@@ -21,7 +21,7 @@ from corral.api.schemas import (
     UserOut,
     UserUpdate,
 )
-from corral.errors import InvalidInput, NotFound
+from corral.errors import Forbidden, InvalidInput, NotFound, Unauthenticated
 from corral.model import Role
 from corral.ops import accounts
 from corral.ops.accounts import Principal
@@ -68,7 +68,8 @@ def get_user(name: Name, caller: Caller, svc: ServicesDep) -> UserOut:
     return UserOut.of(svc.ctx.store.get_user(name))
 
 
-@users.patch("/{name}", summary="Change role, projects (admins) or password (also oneself)")
+@users.patch("/{name}", summary="Change role, projects (admins) or password (also oneself)",
+             responses=documented(409, 429))
 def update_user(name: Name, body: UserUpdate, caller: Caller, svc: ServicesDep) -> UserOut:
     _self_or_admin(caller, name)
     store = svc.ctx.store
@@ -84,8 +85,25 @@ def update_user(name: Name, body: UserUpdate, caller: Caller, svc: ServicesDep) 
     else:
         user = store.get_user(name)
     if body.password is not None:
+        if name == caller.name:
+            _confirm_password(svc, name, body.current_password)
         user = accounts.set_password(store, name, body.password)
+        # Whoever knew the old password may hold a session: end them all but this one.
+        store.revoke_sessions(name, keep=caller.token.id)
     return UserOut.of(user)
+
+
+def _confirm_password(svc: ServicesDep, name: str, current: str | None) -> None:
+    """A stolen session alone must not be enough to take an account over."""
+    keys = (f"user:{name}",)
+    svc.throttle.check(*keys)
+    try:
+        accounts.authenticate(svc.ctx.store, name, current or "")
+    except Unauthenticated:
+        svc.throttle.failed(*keys)
+        raise Forbidden(
+            "To change your password, give your current one as 'current_password'."
+        ) from None
 
 
 @users.delete("/{name}", status_code=HTTP_204_NO_CONTENT, summary="Delete a user (admins)")
