@@ -85,7 +85,8 @@ def test_secrets_never_reach_logs_or_audit(
             secrets.append(made)
             with bare.client(made) as m:
                 assert m.get("/auth/me").status_code == 200
-            c.patch("/users/sam", json={"password": "new-password-456"}).raise_for_status()
+            c.patch("/users/sam", json={"password": "new-password-456",
+                                        "current_password": PASSWORD}).raise_for_status()
             image = small_qcow2(tmp_path, "s.qcow2", "1M").read_bytes()
             finish(c, c.post("/images", params={"name": "sam-image"}, content=image))
         with bare.admin() as admin:
