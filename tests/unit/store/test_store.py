@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
@@ -167,3 +168,37 @@ def test_job_steps_are_persisted_in_order(store: Store) -> None:
     store.finish_job(job.id, JobState.SUCCEEDED)
     assert store.list_jobs(JobState.RUNNING) == []
     assert store.get_job(job.id).finished_at is not None
+
+
+def test_upgrading_from_0001_keeps_machines_in_the_default_project(store_url: str) -> None:
+    """A store written by the first release, with a machine in it, upgrades in place."""
+    from alembic import command
+    from sqlalchemy import text
+
+    from corral.store.db import make_engine
+
+    engine = make_engine(store_url)
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0001")
+        conn.execute(text(
+            "INSERT INTO hosts VALUES ('local', 'qemu:///system', '{}', 'tcg', '', 'p', '/p', "
+            "'2026-01-01 00:00:00')"))
+        conn.execute(text(
+            "INSERT INTO machines (name, uuid, mac, hostname, instance_id, host, image, cpus, "
+            "memory_bytes, clone_mode, disk_path, seed_path, record_state, managed, ssh_keys, "
+            "created_at) VALUES ('old', 'u-1', NULL, 'old', 'i-1', 'local', NULL, 2, 1024, "
+            "NULL, '/p/old.qcow2', NULL, 'ready', TRUE, '[]', '2026-01-01 00:00:00')"))
+    engine.dispose()
+    store = Store(store_url)
+    try:
+        old = store.get_machine("old")
+        assert (old.project, old.cpus, old.disk_bytes) == ("default", 2, None)
+        assert store.project_usage("default").machines == 1
+        with pytest.raises(NotFound):  # the new foreign key holds
+            store.add_machine(replace(old, name="new", identity=replace(
+                old.identity, uuid="u-2", hostname="new"), project="nowhere"))
+    finally:
+        store.close()
