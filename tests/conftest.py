@@ -12,11 +12,25 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import libvirt
 import pytest
 
 from corral.images.appliance import ApplianceArtifacts, build_appliance
+from tests.libvirt_cleanup import domains_with_disks_under
 
 CACHE = Path(__file__).resolve().parents[1] / "build" / "cache"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_domain_left_behind() -> Iterator[None]:
+    """Fail the run if any test left a libvirt domain whose disks were in a test's
+    directory: every test must remove what it made, even when it fails."""
+    yield
+    try:
+        left = domains_with_disks_under("qemu:///system", "/var/tmp/corral-test-")
+    except libvirt.libvirtError:
+        return  # no libvirtd: then no test made a domain either
+    assert not left, f"tests left these domains defined: {sorted(left)}"
 
 
 @pytest.fixture(scope="session")

@@ -26,3 +26,40 @@ def remove_prefixed(uri: str, prefix: str) -> None:
                         action()
     finally:
         conn.close()
+
+
+def remove_with_disks_under(uri: str, root: str) -> None:
+    """Destroy and undefine every domain with a disk below ``root``, whatever its name.
+
+    A server under test names machines as its clients ask (fuzzers ask for "0" or
+    "3j6"); what they all share is the state directory their disks live in.
+    """
+    names = domains_with_disks_under(uri, root.rstrip("/") + "/")
+    conn = libvirt.open(uri)
+    try:
+        for name in names:
+            with contextlib.suppress(libvirt.libvirtError):
+                dom = conn.lookupByName(name)
+                if dom.isActive():
+                    dom.destroy()
+                dom.undefine()
+    finally:
+        conn.close()
+
+
+def domains_with_disks_under(uri: str, root: str) -> list[str]:
+    """Names of the domains with a disk whose path starts with ``root``."""
+    import xml.etree.ElementTree as ET
+
+    conn = libvirt.open(uri)
+    try:
+        found = []
+        for dom in conn.listAllDomains(0):
+            with contextlib.suppress(libvirt.libvirtError):
+                tree = ET.fromstring(dom.XMLDesc(0))
+                if any((s.get("file") or "").startswith(root)
+                       for s in tree.iterfind("devices/disk/source")):
+                    found.append(dom.name())
+        return found
+    finally:
+        conn.close()

@@ -27,7 +27,7 @@ from corral.model import ImageFormat
 from corral.ops import accounts
 from corral.ops.context import Context
 from corral.ops.images import import_image
-from tests.libvirt_cleanup import remove_prefixed
+from tests.libvirt_cleanup import remove_prefixed, remove_with_disks_under
 
 CACHE = Path(__file__).resolve().parents[1] / "build" / "cache"
 ADMIN_PASSWORD = "admin-password-for-tests"
@@ -122,6 +122,7 @@ def running_server(
             server.should_exit = True
             thread.join(timeout=60)
     finally:
+        remove_with_disks_under("qemu:///system", str(root))
         remove_prefixed("qemu:///system", prefix)
         shutil.rmtree(root, ignore_errors=True)
 
