@@ -210,6 +210,8 @@ def _walk_through(page: Page, served: Served, shots: Path) -> None:
     row.locator(f'a[href="/ui/machines/{name}"]').click()
     expect(page.locator("h1")).to_contain_text(name)
     expect(page.locator("#console-status")).to_have_text("connected", timeout=30_000)
+    # What the guest printed before the console opened is replayed from its log.
+    expect(page.locator(".xterm-rows")).to_contain_text("CORRAL-READY", timeout=10_000)
     page.locator("#terminal").click()
     deadline = time.monotonic() + 120
     found = False

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import anyio
@@ -27,10 +28,12 @@ from corral.api.routers.machines import visible
 from corral.api.services import Services
 from corral.errors import CorralError, Forbidden, NotFound, Unauthenticated
 from corral.ops.accounts import Principal, resolve_token
+from corral.ops.machines import console_log
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["machines"])
 _CHUNK = 4096
+_BACKLOG = 4096
 
 
 def same_origin(websocket: WebSocket) -> bool:
@@ -94,7 +97,24 @@ async def console(websocket: WebSocket, name: str) -> None:
         ctx.store.add_audit, principal.name, "WS /machines/{name}/console",
         websocket.url.path, 101,
     )
+    backlog = await anyio.to_thread.run_sync(_backlog, console_log(ctx, name))
+    if backlog:
+        await websocket.send_bytes(backlog)
     await _bridge(websocket, svc, name)
+
+
+def _backlog(log_file: Path) -> bytes:
+    """The last few lines the guest printed before this session, so a console opened
+    on a quiet guest does not start blank. The stream carries everything after."""
+    try:
+        with log_file.open("rb") as f:
+            f.seek(max(0, log_file.stat().st_size - _BACKLOG))
+            data = f.read(_BACKLOG)
+    except OSError:
+        return b""
+    if len(data) == _BACKLOG:
+        data = data.partition(b"\n")[2]  # start at a whole line
+    return data
 
 
 async def _bridge(websocket: WebSocket, svc: Services, name: str) -> None:
