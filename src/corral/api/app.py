@@ -6,6 +6,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import anyio
 from fastapi import FastAPI
 
 from corral import __version__
@@ -47,8 +48,9 @@ def create_app(settings: Settings, *, throttle: LoginThrottle | None = None) -> 
             try:
                 yield
             finally:
-                worker.shutdown()
-                sweeper.stop()
+                # In threads: waiting for running jobs must not freeze the event loop.
+                await anyio.to_thread.run_sync(worker.shutdown)
+                await anyio.to_thread.run_sync(sweeper.stop)
         finally:
             ctx.close()
 

@@ -51,7 +51,8 @@ async def caller(
         principal, csrf = await svc.authenticate(session)
         sent = request.headers.get(CSRF_HEADER, "")
         if request.method not in SAFE_METHODS and (
-            csrf is None or not hmac.compare_digest(sent, csrf)
+            # As bytes: compare_digest refuses non-ASCII text, and a header may hold any.
+            csrf is None or not hmac.compare_digest(sent.encode(), csrf.encode())
         ):
             raise Forbidden(
                 f"A change made with a session cookie needs the {CSRF_HEADER} header.",

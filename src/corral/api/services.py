@@ -63,6 +63,7 @@ class PowerSweeper:
         self.healthy = False
         """Whether the last sweep reached the host's libvirtd."""
         self._stop = threading.Event()
+        self._sweeping = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name="corral-sweep", daemon=True)
 
     def start(self) -> None:
@@ -75,17 +76,23 @@ class PowerSweeper:
             self._thread.join()
 
     def sweep(self) -> dict[str, PowerState]:
-        try:
-            states = self._ctx.driver.power_states()
-            if states != self._states:
-                self._states = states
-                self.version += 1
-            self.swept_at = time.monotonic()
-            self.healthy = True
-        except CorralError as exc:
-            self.healthy = False
-            log.warning("power sweep failed: %s", exc)
-        return self._states
+        # Requests sweep too (after a power action): one at a time, so an older
+        # answer never overwrites a newer one.
+        with self._sweeping:
+            try:
+                states = self._ctx.driver.power_states()
+                if states != self._states:
+                    self._states = states
+                    self.version += 1
+                self.swept_at = time.monotonic()
+                self.healthy = True
+            except CorralError as exc:
+                self.healthy = False
+                log.warning("power sweep failed: %s", exc)
+            except Exception:
+                self.healthy = False  # keep sweeping: states must not freeze silently
+                log.exception("power sweep failed unexpectedly")
+            return self._states
 
     def state(self, name: str) -> PowerState | None:
         return self._states.get(name)
@@ -106,7 +113,10 @@ class LoginThrottle:
     _failures: dict[str, deque[float]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def check(self, *keys: str) -> None:
+    def begin(self, *keys: str) -> float:
+        """Refuse (429) when any key is throttled; else count this attempt against
+        every key now, before the slow password check, so that parallel guesses cannot
+        all pass together. Returns the attempt's stamp for ``succeeded``."""
         now = time.monotonic()
         with self._lock:
             for key in keys:
@@ -116,21 +126,23 @@ class LoginThrottle:
                     raise TooManyRequests(
                         f"Too many failed logins; try again in {retry} s.", retry_after=retry
                     )
-
-    def failed(self, *keys: str) -> None:
-        now = time.monotonic()
-        with self._lock:
             for key in keys:
                 self._recent(key, now).append(now)
             if len(self._failures) > self.remembered:
                 # Guessed names must not grow memory without bound: forget stale keys.
                 for key in [k for k, v in self._failures.items() if not self._recent(k, now)]:
                     del self._failures[key]
+        return now
 
-    def succeeded(self, *keys: str) -> None:
+    def succeeded(self, stamp: float, user_key: str, *other_keys: str) -> None:
+        """The attempt was right: the user's failures are forgotten, and the attempt no
+        longer counts against the other keys (a client address keeps its failures)."""
         with self._lock:
-            for key in keys:
-                self._failures.pop(key, None)
+            self._failures.pop(user_key, None)
+            for key in other_keys:
+                recent = self._failures.get(key)
+                if recent is not None and stamp in recent:
+                    recent.remove(stamp)
 
     def _recent(self, key: str, now: float) -> deque[float]:
         recent = self._failures.setdefault(key, deque())
@@ -145,12 +157,14 @@ class ReadCache:
     Each entry remembers the version it was computed at (``Store.data_version`` plus
     whatever else it depends on); a different version is a miss, so a hit is always
     what a fresh read would give. Where the store has no version (PostgreSQL) nothing
-    is cached. Least recently used entries go first.
+    is cached. Least recently used entries go first, and a new version clears the
+    old ones; give each kind of answer a cache of its own, with one kind of version.
     """
 
-    def __init__(self, size: int = 1024) -> None:
+    def __init__(self, size: int = 256) -> None:
         self._size = size
         self._entries: OrderedDict[Hashable, tuple[Hashable, Any]] = OrderedDict()
+        self._version: Hashable = None
         self._lock = threading.Lock()
 
     def get(self, key: Hashable, version: Hashable) -> Any | None:
@@ -163,6 +177,10 @@ class ReadCache:
 
     def put(self, key: Hashable, version: Hashable, value: Any) -> None:
         with self._lock:
+            if version != self._version:
+                # Versions never come back: entries of an older one can only waste memory.
+                self._entries.clear()
+                self._version = version
             self._entries[key] = (version, value)
             self._entries.move_to_end(key)
             while len(self._entries) > self._size:
@@ -175,7 +193,8 @@ class Services:
     worker: JobWorker
     sweeper: PowerSweeper
     throttle: LoginThrottle
-    cache: ReadCache = field(default_factory=ReadCache)
+    tokens: ReadCache = field(default_factory=lambda: ReadCache(1024))
+    pages: ReadCache = field(default_factory=ReadCache)
 
     async def read(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a hot read (tokens, machine pages) of the store.
@@ -199,12 +218,12 @@ class Services:
         version = self.ctx.store.data_version()
         key = ("token", presented)
         hit: tuple[Principal, str | None] | None = (
-            None if version is None else self.cache.get(key, version)
+            None if version is None else self.tokens.get(key, version)
         )
         if hit is None:
             hit = await self.read(resolve_token, self.ctx.store, presented)
             if version is not None:
-                self.cache.put(key, version, hit)
+                self.tokens.put(key, version, hit)
         principal, csrf = hit
         if expired(principal.token):
             raise invalid_token()

@@ -53,7 +53,8 @@ class Principal:
         return None if self.is_admin else self.user.projects
 
     def can_read(self, project: str | None) -> bool:
-        """``project=None`` is shared (images) or admin-only (host jobs) per caller."""
+        """Whether the caller may see things of ``project``. ``None`` (host jobs, shared
+        images' changes) is for admins; callers check shared images separately."""
         return self.is_admin or (project is not None and project in self.user.projects)
 
     def can_manage(self, project: str | None) -> bool:

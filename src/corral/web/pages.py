@@ -12,7 +12,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
@@ -214,8 +214,16 @@ def _overview(caller: Principal, svc: ServicesDep) -> dict[str, Any]:
 
 
 def _local(target: str) -> str:
-    """Only same-site paths after login (no open redirect)."""
-    if not target.startswith("/") or target.startswith("//") or "\\" in target:
+    """Only the console's own pages after login (no open redirect).
+
+    Browsers drop tabs and newlines from URLs, so "/\t/evil.example" would become
+    "//evil.example": any control character, space or backslash sends home instead.
+    """
+    if (
+        not target.startswith("/ui/")
+        or any(ch <= " " or ch in "\\\x7f" for ch in target)
+        or urlsplit(target).netloc
+    ):
         return "/ui/"
     return target
 

@@ -51,6 +51,8 @@ def test_cache_hits_only_at_the_same_version_and_evicts_the_oldest() -> None:
     assert cache.get("b", 1) is None
     assert cache.get("a", 1) == "page a"
     assert cache.get("c", 1) == "page c"
+    cache.put("d", 2, "page d")  # a new version: the old entries can never hit again
+    assert len(cache._entries) == 1
 
 
 def test_login_throttle_forgets_stale_names() -> None:
@@ -58,10 +60,25 @@ def test_login_throttle_forgets_stale_names() -> None:
 
     throttle = LoginThrottle(attempts=2, window=0.05, remembered=10)
     for i in range(10):
-        throttle.failed(f"user:guess{i}")
+        throttle.begin(f"user:guess{i}")
     time.sleep(0.06)
-    throttle.failed("user:fresh")
+    throttle.begin("user:fresh")
     assert set(throttle._failures) == {"user:fresh"}
-    throttle.failed("user:fresh")
+    throttle.begin("user:fresh")
     with pytest.raises(TooManyRequests):
-        throttle.check("user:fresh")
+        throttle.begin("user:fresh")
+
+
+def test_a_success_forgets_the_users_failures_but_not_the_addresss() -> None:
+    from corral.api.services import LoginThrottle
+
+    throttle = LoginThrottle(attempts=3, window=60)
+    throttle.begin("user:a", "addr:x")  # a failure: it stays counted
+    stamp = throttle.begin("user:a", "addr:x")
+    throttle.succeeded(stamp, "user:a", "addr:x")
+    assert "user:a" not in throttle._failures
+    assert len(throttle._failures["addr:x"]) == 1
+    throttle.begin("user:b", "addr:x")
+    throttle.begin("user:c", "addr:x")
+    with pytest.raises(TooManyRequests):  # three failures from one address
+        throttle.begin("user:d", "addr:x")

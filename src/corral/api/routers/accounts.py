@@ -73,6 +73,9 @@ def get_user(name: Name, caller: Caller, svc: ServicesDep) -> UserOut:
 def update_user(name: Name, body: UserUpdate, caller: Caller, svc: ServicesDep) -> UserOut:
     _self_or_admin(caller, name)
     store = svc.ctx.store
+    # Every check before any change: a refused request must change nothing.
+    if body.password is not None and name == caller.name:
+        _confirm_password(svc, name, body.current_password)
     if body.role is not None or body.projects is not None:
         caller.require_admin()
         role = body.role or store.get_user(name).role
@@ -85,8 +88,6 @@ def update_user(name: Name, body: UserUpdate, caller: Caller, svc: ServicesDep) 
     else:
         user = store.get_user(name)
     if body.password is not None:
-        if name == caller.name:
-            _confirm_password(svc, name, body.current_password)
         user = accounts.set_password(store, name, body.password)
         # Whoever knew the old password may hold a session: end them all but this one.
         store.revoke_sessions(name, keep=caller.token.id)
@@ -95,15 +96,15 @@ def update_user(name: Name, body: UserUpdate, caller: Caller, svc: ServicesDep) 
 
 def _confirm_password(svc: ServicesDep, name: str, current: str | None) -> None:
     """A stolen session alone must not be enough to take an account over."""
-    keys = (f"user:{name}",)
-    svc.throttle.check(*keys)
+    key = f"user:{name}"
+    stamp = svc.throttle.begin(key)
     try:
         accounts.authenticate(svc.ctx.store, name, current or "")
     except Unauthenticated:
-        svc.throttle.failed(*keys)
         raise Forbidden(
             "To change your password, give your current one as 'current_password'."
         ) from None
+    svc.throttle.succeeded(stamp, key)
 
 
 @users.delete("/{name}", status_code=HTTP_204_NO_CONTENT, summary="Delete a user (admins)")

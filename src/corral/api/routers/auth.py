@@ -10,7 +10,6 @@ from starlette.status import HTTP_204_NO_CONTENT
 from corral.api.deps import SESSION_COOKIE, Caller, ServicesDep
 from corral.api.problems import documented
 from corral.api.schemas import Login, SessionOut, TokenIssued, TokenLogin, UserOut
-from corral.errors import Unauthenticated
 from corral.model import User
 from corral.ops import accounts
 
@@ -24,13 +23,9 @@ def _login(request: Request, svc: ServicesDep, body: Login) -> User:
     request.state.actor = body.name[:63]
     client = request.client.host if request.client else "unknown"
     keys = (f"user:{body.name}", f"addr:{client}")
-    svc.throttle.check(*keys)
-    try:
-        user = accounts.authenticate(svc.ctx.store, body.name, body.password)
-    except Unauthenticated:
-        svc.throttle.failed(*keys)
-        raise
-    svc.throttle.succeeded(*keys)
+    stamp = svc.throttle.begin(*keys)
+    user = accounts.authenticate(svc.ctx.store, body.name, body.password)
+    svc.throttle.succeeded(stamp, *keys)
     return user
 
 

@@ -26,7 +26,6 @@ from corral.ops.jobs import execute_job
 router = APIRouter(
     prefix="/images", tags=["images"], responses=documented(400, 401, 403, 404, 422)
 )
-_CHUNK = 1 << 20
 
 
 class PayloadTooLarge(CorralError):

@@ -1,7 +1,8 @@
 """Machines: list, create (also in batches), power, clone, delete.
 
-Another project's machine is invisible: it answers 404, exactly like a machine that
-does not exist, so names in other projects cannot be probed.
+Another project's machine is invisible: reading or changing it answers 404, exactly
+like a machine that does not exist. (Names are global, so creating a machine whose
+name another project uses still answers 409.)
 """
 
 from __future__ import annotations
@@ -93,11 +94,11 @@ async def list_machines(
            state, prefix, after, limit)
     store_version = svc.ctx.store.data_version()
     version = None if store_version is None else (store_version, svc.sweeper.version)
-    body: bytes | None = None if version is None else svc.cache.get(key, version)
+    body: bytes | None = None if version is None else svc.pages.get(key, version)
     if body is None:
         body = await svc.read(_machine_page, svc, where, after, limit)
         if version is not None:
-            svc.cache.put(key, version, body)
+            svc.pages.put(key, version, body)
     return Response(body, media_type="application/json")
 
 

@@ -197,7 +197,8 @@
         credentials: "same-origin",
       });
       if (r.ok) {
-        location.href = form.dataset.next || "/ui/";
+        const next = new URL(form.dataset.next || "/ui/", location.origin);
+        location.href = next.origin === location.origin ? next.href : "/ui/";
         return;
       }
       err.textContent = r.status === 401
