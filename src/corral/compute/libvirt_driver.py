@@ -349,8 +349,7 @@ class LibvirtDriver(ComputeDriver):
             try:
                 if not net.autostart():
                     net.setAutostart(1)
-                if not net.isActive():
-                    net.create()
+                _start(net)
             except libvirt.libvirtError:
                 if defined_here:
                     _cleanup(f"undefine network {name}", net.undefine)
@@ -376,7 +375,7 @@ class LibvirtDriver(ComputeDriver):
                     pool.setAutostart(1)
                 if not pool.isActive():
                     pool.build(0)  # a dir pool's build is mkdir; an existing dir is kept
-                    pool.create(0)
+                    _start(pool)
             except libvirt.libvirtError:
                 if defined_here:
                     _cleanup(f"undefine storage pool {name}", pool.undefine)
@@ -559,6 +558,17 @@ def _version(number: int) -> str:
 
 def _attr(el: ET.Element | None, name: str) -> str | None:
     return None if el is None else el.get(name)
+
+
+def _start(obj: Any) -> None:
+    """Start a network or pool unless it runs; another process may start it first."""
+    if obj.isActive():
+        return
+    try:
+        obj.create()
+    except libvirt.libvirtError:
+        if not obj.isActive():
+            raise
 
 
 def _lookup_or_define(
