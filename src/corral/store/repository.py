@@ -247,7 +247,7 @@ class Store:
                 if project is None:
                     raise NotFound("project", machine.project)
                 asked = Usage.of(1, machine.cpus, machine.memory_bytes, machine.disk_bytes or 0)
-                _project(project).quota.require_room(project.name, _usage(s, project.name),
+                _project(project).quota.require_room(project.name, _usage(s, project=project.name),
                                                      asked)
                 s.add(_machine_row(machine))
         except IntegrityError as exc:
@@ -484,7 +484,11 @@ class Store:
 
     def project_usage(self, name: str) -> Usage:
         with self._read() as s:
-            return _usage(s, name)
+            return _usage(s, project=name)
+
+    def host_usage(self, name: str) -> Usage:
+        with self._read() as s:
+            return _usage(s, host=name)
 
     # -- users and tokens --------------------------------------------------------------
 
@@ -772,15 +776,19 @@ def _filtered(q: _Q, where: MachineFilter) -> _Q:
     return q
 
 
-def _usage(s: Session, project: str) -> Usage:
-    row = s.execute(
-        select(
-            func.count(),
-            func.coalesce(func.sum(MachineRow.cpus), 0),
-            func.coalesce(func.sum(MachineRow.memory_bytes), 0),
-            func.coalesce(func.sum(MachineRow.disk_bytes), 0),
-        ).where(MachineRow.project == project)
-    ).one()
+def _usage(s: Session, project: str | None = None, host: str | None = None) -> Usage:
+    """What the machines of a project, or of a host, hold together."""
+    q = select(
+        func.count(),
+        func.coalesce(func.sum(MachineRow.cpus), 0),
+        func.coalesce(func.sum(MachineRow.memory_bytes), 0),
+        func.coalesce(func.sum(MachineRow.disk_bytes), 0),
+    )
+    if project is not None:
+        q = q.where(MachineRow.project == project)
+    if host is not None:
+        q = q.where(MachineRow.host == host)
+    row = s.execute(q).one()
     return Usage(machines=row[0], cpus=row[1], memory_bytes=row[2], disk_bytes=row[3] or 0)
 
 

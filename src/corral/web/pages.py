@@ -27,7 +27,7 @@ from corral.api.routers import jobs as job_routes
 from corral.api.routers import machines as machine_routes
 from corral.api.schemas import JobOut, MachineOut
 from corral.errors import CorralError, Unauthenticated
-from corral.ops.accounts import Principal, resolve_token
+from corral.ops.accounts import Principal
 from corral.store.repository import MachineFilter
 from corral.web import format as fmt
 
@@ -53,13 +53,13 @@ class WebSession:
     csrf: str
 
 
-def web_session(request: Request, svc: ServicesDep) -> WebSession:
+async def web_session(request: Request, svc: ServicesDep) -> WebSession:
     """The session cookie's caller and CSRF value; pages take no bearer tokens."""
     cookie = request.cookies.get(SESSION_COOKIE)
     if not cookie:
         raise LoginRequired
     try:
-        principal, csrf = resolve_token(svc.ctx.store, cookie)
+        principal, csrf = await svc.authenticate(cookie)
     except Unauthenticated:
         raise LoginRequired from None
     if csrf is None:
@@ -85,10 +85,10 @@ def _render(request: Request, template: str, session: WebSession | None, page: s
 
 
 @router.get("/login")
-def login_page(request: Request, svc: ServicesDep,
-               next: Annotated[str, Query(max_length=500)] = "/ui/") -> Response:
+async def login_page(request: Request, svc: ServicesDep,
+                     next: Annotated[str, Query(max_length=500)] = "/ui/") -> Response:
     try:
-        web_session(request, svc)
+        await web_session(request, svc)
     except LoginRequired:
         return _render(request, "login.html", None, next=_local(next))
     return RedirectResponse(_local(next), status_code=303)

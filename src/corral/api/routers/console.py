@@ -27,7 +27,6 @@ from corral.api.deps import SESSION_COOKIE
 from corral.api.routers.machines import visible
 from corral.api.services import Services
 from corral.errors import CorralError, Forbidden, NotFound, Unauthenticated
-from corral.ops.accounts import Principal, resolve_token
 from corral.ops.machines import console_log
 
 log = logging.getLogger(__name__)
@@ -85,9 +84,7 @@ async def console(websocket: WebSocket, name: str) -> None:
     try:
         if not token:
             raise Unauthenticated("This console needs credentials: log in.")
-        principal: Principal = (
-            await anyio.to_thread.run_sync(resolve_token, ctx.store, token)
-        )[0]
+        principal, _ = await svc.authenticate(token)
         machine = await anyio.to_thread.run_sync(visible, ctx, principal, name)
         principal.require_manage(machine.project)
     except CorralError as exc:

@@ -10,9 +10,8 @@ from corral.api.deps import Caller, ServicesDep
 from corral.api.problems import documented
 from corral.api.schemas import HostOut, Name, PoolOut
 from corral.errors import NotFound
-from corral.model import Host, Usage
+from corral.model import Host
 from corral.ops import hosts as host_ops
-from corral.store.repository import MachineFilter
 
 router = APIRouter(prefix="/hosts", tags=["hosts"], responses=documented(401, 403, 404, 422))
 pools = APIRouter(prefix="/pools", tags=["hosts"], responses=documented(401))
@@ -27,13 +26,7 @@ def _disk(path: str) -> tuple[int, int] | None:
 
 
 def _out(svc: ServicesDep, host: Host) -> HostOut:
-    machines = svc.ctx.store.list_machines(where=MachineFilter(host=host.name))
-    used = Usage(
-        machines=len(machines),
-        cpus=sum(m.cpus for m in machines),
-        memory_bytes=sum(m.memory_bytes for m in machines),
-        disk_bytes=sum(m.disk_bytes or 0 for m in machines),
-    )
+    used = svc.ctx.store.host_usage(host.name)
     return HostOut.of(host, up=svc.sweeper.healthy, disk=_disk(host.pool_path), used=used)
 
 
