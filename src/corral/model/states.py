@@ -68,3 +68,18 @@ class Role(StrEnum):
     """Manages machines and images in the projects the user belongs to."""
     VIEWER = "viewer"
     """Reads the projects the user belongs to."""
+
+
+class HostState(StrEnum):
+    UP = "up"
+    DOWN = "down"
+    """The last health check could not reach the host; it receives nothing new."""
+    MAINTENANCE = "maintenance"
+    """Set by an operator; its machines stay, new ones go elsewhere."""
+
+
+class GroupPolicy(StrEnum):
+    """How the machines of one placement group relate to each other's hosts."""
+
+    AFFINITY = "affinity"
+    ANTI_AFFINITY = "anti-affinity"
