@@ -88,6 +88,10 @@ class ComputeDriver(abc.ABC):
         starting it fails, the definition is removed again.
         """
 
+    @abc.abstractmethod
+    def pool_capacity(self, name: str) -> tuple[int, int]:
+        """A storage pool's capacity and available bytes."""
+
     # -- domains ----------------------------------------------------------------------
 
     @abc.abstractmethod

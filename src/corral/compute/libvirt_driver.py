@@ -319,7 +319,22 @@ class LibvirtDriver(ComputeDriver):
             memory_bytes=int(info[1]) << 20,
             hypervisor=hypervisor,
             hypervisor_version=f"{_version(version)} (libvirt {_version(lib_version)})",
+            sockets=int(info[5]),
+            cores=int(info[6]),
+            threads=int(info[7]),
         )
+
+    def connection(self) -> Any:
+        """The open libvirt connection, for the storage backend of the same host."""
+        return self._connection()
+
+    def pool_capacity(self, name: str) -> tuple[int, int]:
+        conn = self._connection()
+        with self._translated(f"read storage pool '{name}'", name):
+            pool = conn.storagePoolLookupByName(name)
+            pool.refresh(0)
+            _state, capacity, _allocation, available = pool.info()
+        return int(capacity), int(available)
 
     def kvm_device_present(self) -> bool:
         conn = self._connection()

@@ -10,10 +10,17 @@ from corral.model.account import (
     Usage,
     User,
 )
-from corral.model.host import Host, HostFacts
+from corral.model.host import Host, HostFacts, HostPlacement, Overcommit
 from corral.model.image import Image, KernelBoot
 from corral.model.job import Job, Step
-from corral.model.machine import DiskUsage, DomainPlan, Identity, Machine, MachineSpec
+from corral.model.machine import (
+    DiskUsage,
+    DomainPlan,
+    Identity,
+    Machine,
+    MachineSpec,
+    PlacementHints,
+)
 from corral.model.states import (
     Accelerator,
     CloneMode,
@@ -38,6 +45,7 @@ __all__ = [
     "GroupPolicy",
     "Host",
     "HostFacts",
+    "HostPlacement",
     "HostState",
     "Identity",
     "Image",
@@ -47,6 +55,8 @@ __all__ = [
     "KernelBoot",
     "Machine",
     "MachineSpec",
+    "Overcommit",
+    "PlacementHints",
     "PowerState",
     "Project",
     "Quota",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from corral.model.states import ImageFormat
+from corral.model.states import Accelerator, ImageFormat
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,3 +32,6 @@ class Image:
     created_at: datetime
     project: str | None = None
     """``None``: shared with every project (only an admin adds or removes those)."""
+    arch: str = "x86_64"
+    accelerator: Accelerator | None = None
+    """An accelerator the image cannot run without; ``None``: any."""

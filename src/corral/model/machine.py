@@ -7,7 +7,23 @@ from datetime import datetime
 
 from corral.model.account import DEFAULT_PROJECT
 from corral.model.image import KernelBoot
-from corral.model.states import Accelerator, CloneMode, RecordState
+from corral.model.states import Accelerator, CloneMode, GroupPolicy, RecordState
+
+
+@dataclass(frozen=True, slots=True)
+class PlacementHints:
+    """What a machine asks of the host it runs on, kept to place it again (rebalance)."""
+
+    host: str | None = None
+    """A host named by the user: no scheduling, the filters still apply."""
+    tags: frozenset[str] = frozenset()
+    """The host must carry every one of these tags."""
+    group: str | None = None
+    policy: GroupPolicy | None = None
+    hard: bool = True
+    """Hard: a rule no placement breaks; soft: only a preference of the weighers."""
+    fast: bool = False
+    """Prefer the host with the fastest single thread."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,6 +40,7 @@ class MachineSpec:
     ssh_keys: tuple[str, ...] = ()
     start: bool = True
     project: str = DEFAULT_PROJECT
+    placement: PlacementHints = field(default_factory=PlacementHints)
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,3 +98,6 @@ class Machine:
     project: str = DEFAULT_PROJECT
     disk_bytes: int | None = None
     """The virtual size asked for; ``None`` for adopted machines."""
+    disk_claim: int = 0
+    """Pool bytes reserved on the host: a full copy's size, or a linked clone's room to grow."""
+    placement: PlacementHints = field(default_factory=PlacementHints)

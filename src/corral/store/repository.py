@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -19,14 +19,17 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from corral.errors import Conflict, NotFound
+from corral.errors import Conflict, InsufficientResources, NotFound
 from corral.model import (
     Accelerator,
     AuditEntry,
     CloneMode,
     Event,
+    GroupPolicy,
     Host,
     HostFacts,
+    HostPlacement,
+    HostState,
     Identity,
     Image,
     ImageFormat,
@@ -34,6 +37,8 @@ from corral.model import (
     JobState,
     KernelBoot,
     Machine,
+    Overcommit,
+    PlacementHints,
     Project,
     Quota,
     RecordState,
@@ -44,10 +49,12 @@ from corral.model import (
     Usage,
     User,
 )
+from corral.model.units import format_size
 from corral.store.db import make_engine, migrate
 from corral.store.tables import (
     AuditRow,
     EventRow,
+    HostImageRow,
     HostRow,
     ImageRow,
     JobRow,
@@ -101,6 +108,33 @@ class MachineFilter:
 
 
 @dataclass(frozen=True, slots=True)
+class HostLoad:
+    """A host with what is claimed on it: one row of the scheduler's inventory."""
+
+    host: Host
+    used: Usage
+    groups: dict[str, int]
+    """Placement group -> how many of its machines the host holds."""
+    images: frozenset[str]
+    """Library images present (copied and verified) in the host's pool."""
+
+
+@dataclass(frozen=True, slots=True)
+class HostImage:
+    host: str
+    image: str
+    path: str
+    state: str
+    """``copying`` or ``present``."""
+    bytes_done: int
+    owner: str | None
+
+
+class ClaimRefused(InsufficientResources):
+    """The host filled up between placement and claim; the caller places again."""
+
+
+@dataclass(frozen=True, slots=True)
 class TokenCredential:
     """What authenticating a token needs: its owner, its hash and its limits."""
 
@@ -146,27 +180,182 @@ class Store:
     # -- hosts -------------------------------------------------------------------------
 
     def put_host(self, host: Host) -> None:
+        """Enrol a host, or record what a new probe found; its state and tags are kept."""
         with self._tx() as s:
-            s.merge(
-                HostRow(
-                    name=host.name,
-                    uri=host.uri,
-                    facts={
-                        "hostname": host.facts.hostname,
-                        "arch": host.facts.arch,
-                        "cpu_model": host.facts.cpu_model,
-                        "cpus": host.facts.cpus,
-                        "memory_bytes": host.facts.memory_bytes,
-                        "hypervisor": host.facts.hypervisor,
-                        "hypervisor_version": host.facts.hypervisor_version,
-                    },
-                    accelerator=host.accelerator.value,
-                    accelerator_note=host.accelerator_note,
-                    pool_name=host.pool_name,
-                    pool_path=host.pool_path,
-                    enrolled_at=utcnow(),
+            row = s.get(HostRow, host.name)
+            if row is None:
+                row = HostRow(name=host.name, enrolled_at=utcnow(), state=host.state.value,
+                              state_note=host.state_note, tags=sorted(host.placement.tags))
+                s.add(row)
+            row.uri = host.uri
+            row.facts = {
+                "hostname": host.facts.hostname,
+                "arch": host.facts.arch,
+                "cpu_model": host.facts.cpu_model,
+                "cpus": host.facts.cpus,
+                "memory_bytes": host.facts.memory_bytes,
+                "hypervisor": host.facts.hypervisor,
+                "hypervisor_version": host.facts.hypervisor_version,
+                "sockets": host.facts.sockets,
+                "cores": host.facts.cores,
+                "threads": host.facts.threads,
+            }
+            row.accelerator = host.accelerator.value
+            row.accelerator_note = host.accelerator_note
+            row.pool_name = host.pool_name
+            row.pool_path = host.pool_path
+            row.network = host.network
+            row.disk_bytes = host.disk_bytes
+            row.cpu_score = host.cpu_score
+            row.last_seen = host.last_seen
+
+    def add_host(self, host: Host) -> None:
+        """Enrol a new host; Conflict if its name or URI is enrolled already."""
+        try:
+            with self._tx() as s:
+                if s.get(HostRow, host.name) is not None:
+                    raise Conflict(f"A host named '{host.name}' is already enrolled.",
+                                   hint="Choose another name, or remove the old host first.")
+                s.add(HostRow(name=host.name, uri=host.uri, facts={}, accelerator="tcg",
+                              accelerator_note="", pool_name=host.pool_name,
+                              pool_path=host.pool_path, enrolled_at=utcnow(),
+                              network=host.network, tags=sorted(host.placement.tags),
+                              cpu_ratio=host.placement.cpu_ratio,
+                              memory_ratio=host.placement.memory_ratio,
+                              disk_ratio=host.placement.disk_ratio))
+        except IntegrityError as exc:
+            raise Conflict(f"A host with URI {host.uri} is already enrolled.",
+                           hint="'corral host list' shows it under its name.") from exc
+        self.put_host(host)
+
+    def set_host_state(self, name: str, state: HostState, note: str = "", *,
+                       seen: bool = False) -> None:
+        with self._tx() as s:
+            row = s.get(HostRow, name)
+            if row is None:
+                raise NotFound("host", name)
+            row.state, row.state_note = state.value, note
+            if seen:
+                row.last_seen = utcnow()
+
+    def set_host_placement(self, name: str, placement: HostPlacement) -> Host:
+        with self._tx() as s:
+            row = s.get(HostRow, name)
+            if row is None:
+                raise NotFound("host", name)
+            row.tags = sorted(placement.tags)
+            row.cpu_ratio = placement.cpu_ratio
+            row.memory_ratio = placement.memory_ratio
+            row.disk_ratio = placement.disk_ratio
+            return _host(row)
+
+    def delete_host(self, name: str) -> None:
+        """Forget a host; refused while machines are recorded on it."""
+        with self._tx() as s:
+            if s.get(HostRow, name) is None:
+                raise NotFound("host", name)
+            held = list(s.scalars(select(MachineRow.name).where(MachineRow.host == name)
+                                  .order_by(MachineRow.name).limit(4)))
+            if held:
+                more = ", …" if len(held) > 3 else ""
+                raise Conflict(
+                    f"Host '{name}' still holds machines: {', '.join(held[:3])}{more}.",
+                    hint="Delete or move them first ('corral vm list --host NAME').",
                 )
-            )
+            s.execute(delete(HostRow).where(HostRow.name == name))
+
+    def get_host(self, name: str) -> Host:
+        host = self.find_host(name)
+        if host is None:
+            raise NotFound("host", name, hint="'corral host list' shows the enrolled hosts.")
+        return host
+
+    def pool_snapshot(self) -> list[HostLoad]:
+        """Every host with what is claimed on it, its groups and its images: what the
+        scheduler's inventory is built from, in four queries whatever the pool's size."""
+        with self._read() as s:
+            hosts = [_host(r) for r in s.scalars(select(HostRow).order_by(HostRow.name))]
+            used = {
+                r[0]: Usage(machines=r[1], cpus=r[2], memory_bytes=r[3], disk_bytes=r[4])
+                for r in s.execute(
+                    select(MachineRow.host, func.count(), func.sum(MachineRow.cpus),
+                           func.sum(MachineRow.memory_bytes), func.sum(MachineRow.disk_claim))
+                    .group_by(MachineRow.host)
+                )
+            }
+            groups: dict[str, dict[str, int]] = {}
+            for host, group, count in s.execute(
+                select(MachineRow.host, MachineRow.placement_group, func.count())
+                .where(MachineRow.placement_group.is_not(None))
+                .group_by(MachineRow.host, MachineRow.placement_group)
+            ):
+                if group is not None:
+                    groups.setdefault(host, {})[group] = count
+            images: dict[str, set[str]] = {}
+            for host, image in s.execute(
+                select(HostImageRow.host, HostImageRow.image)
+                .where(HostImageRow.state == "present")
+            ):
+                images.setdefault(host, set()).add(image)
+        empty = Usage(0, 0, 0, 0)
+        return [
+            HostLoad(h, used.get(h.name, empty), groups.get(h.name, {}),
+                     frozenset(images.get(h.name, ())))
+            for h in hosts
+        ]
+
+    def group_policy(self, group: str) -> PlacementHints | None:
+        """The hints of a placement group's first machine: what its policy is."""
+        with self._read() as s:
+            row = s.scalars(select(MachineRow.placement)
+                            .where(MachineRow.placement_group == group).limit(1)).first()
+        return None if row is None else _hints(row, group)
+
+    # -- images on hosts -----------------------------------------------------------------
+
+    def host_image(self, host: str, image: str) -> HostImage | None:
+        with self._read() as s:
+            row = s.get(HostImageRow, (host, image))
+            return None if row is None else _host_image(row)
+
+    def take_host_image(self, host: str, image: str, path: str, owner: str,
+                        *, unless_owner: Callable[[str], bool]) -> HostImage:
+        """Become the copier of ``image`` to ``host``, unless it is there already or a
+        live process is copying it (``unless_owner(owner)`` says whether one is alive).
+
+        Returns the row as it is after the call: its owner says who copies it.
+        """
+        with self._tx() as s:
+            row = s.get(HostImageRow, (host, image), with_for_update=True)
+            if row is None:
+                row = HostImageRow(host=host, image=image, path=path, state="copying",
+                                   bytes_done=0, owner=owner, updated_at=utcnow())
+                s.add(row)
+            elif row.state == "copying" and (row.owner is None or not unless_owner(row.owner)):
+                row.owner, row.updated_at = owner, utcnow()
+            return _host_image(row)
+
+    def host_image_progress(self, host: str, image: str, bytes_done: int) -> None:
+        with self._tx() as s:
+            s.execute(update(HostImageRow)
+                      .where(HostImageRow.host == host, HostImageRow.image == image)
+                      .values(bytes_done=bytes_done, updated_at=utcnow()))
+
+    def host_image_present(self, host: str, image: str) -> None:
+        with self._tx() as s:
+            s.execute(update(HostImageRow)
+                      .where(HostImageRow.host == host, HostImageRow.image == image)
+                      .values(state="present", owner=None, updated_at=utcnow()))
+
+    def drop_host_image(self, host: str, image: str) -> None:
+        with self._tx() as s:
+            s.execute(delete(HostImageRow)
+                      .where(HostImageRow.host == host, HostImageRow.image == image))
+
+    def images_on_host(self, host: str) -> list[HostImage]:
+        with self._read() as s:
+            q = select(HostImageRow).where(HostImageRow.host == host).order_by(HostImageRow.image)
+            return [_host_image(r) for r in s.scalars(q)]
 
     def find_host(self, name: str) -> Host | None:
         with self._read() as s:
@@ -191,6 +380,8 @@ class Store:
             cmdline=image.kernel_boot.cmdline if image.kernel_boot else None,
             created_at=image.created_at,
             project=image.project,
+            arch=image.arch,
+            accelerator=image.accelerator.value if image.accelerator else None,
         )
         try:
             with self._tx() as s:
@@ -235,14 +426,18 @@ class Store:
 
     # -- machines ----------------------------------------------------------------------
 
-    def add_machine(self, machine: Machine) -> None:
+    def add_machine(self, machine: Machine, overcommit: Overcommit | None = None) -> None:
         """Record a machine; Conflict if its name, UUID or MAC is taken.
 
         The project's quota is checked in the same transaction as the insert, with the
-        project row locked, so concurrent creations can never exceed it together.
+        project row locked, so concurrent creations can never exceed it together. With
+        ``overcommit``, the record is also the machine's claim on its host: the host row
+        is locked and its capacity checked the same way (ClaimRefused if it is full).
         """
         try:
             with self._tx() as s:
+                if overcommit is not None:
+                    _claim(s, machine, overcommit)
                 project = s.get(ProjectRow, machine.project, with_for_update=True)
                 if project is None:
                     raise NotFound("project", machine.project)
@@ -255,6 +450,11 @@ class Store:
                 f"A machine named '{machine.name}' already exists.",
                 hint="Choose another name, or delete the old machine first.",
             ) from exc
+
+    def host_claims(self, host: str) -> Usage:
+        """What the machines recorded on ``host`` claim together."""
+        with self._read() as s:
+            return _host_claims(s, host)
 
     def find_machine(self, name: str) -> Machine | None:
         with self._read() as s:
@@ -673,7 +873,73 @@ def _host(row: HostRow) -> Host:
         accelerator_note=row.accelerator_note,
         pool_name=row.pool_name,
         pool_path=row.pool_path,
+        network=row.network,
+        disk_bytes=row.disk_bytes,
+        cpu_score=row.cpu_score,
+        state=HostState(row.state),
+        state_note=row.state_note,
+        last_seen=row.last_seen,
+        placement=HostPlacement(
+            tags=frozenset(row.tags),
+            cpu_ratio=row.cpu_ratio,
+            memory_ratio=row.memory_ratio,
+            disk_ratio=row.disk_ratio,
+        ),
     )
+
+
+def _hints(stored: dict[str, Any], group: str | None) -> PlacementHints:
+    policy = stored.get("policy")
+    return PlacementHints(
+        host=stored.get("host"),
+        tags=frozenset(stored.get("tags", ())),
+        group=group,
+        policy=GroupPolicy(policy) if policy else None,
+        hard=stored.get("hard", True),
+        fast=stored.get("fast", False),
+    )
+
+
+def _hints_json(h: PlacementHints) -> dict[str, Any]:
+    return {"host": h.host, "tags": sorted(h.tags), "policy": h.policy.value if h.policy else None,
+            "hard": h.hard, "fast": h.fast}
+
+
+def _host_claims(s: Session, host: str) -> Usage:
+    row = s.execute(
+        select(func.count(), func.coalesce(func.sum(MachineRow.cpus), 0),
+               func.coalesce(func.sum(MachineRow.memory_bytes), 0),
+               func.coalesce(func.sum(MachineRow.disk_claim), 0))
+        .where(MachineRow.host == host)
+    ).one()
+    return Usage(machines=row[0], cpus=row[1], memory_bytes=row[2], disk_bytes=row[3])
+
+
+def _claim(s: Session, m: Machine, overcommit: Overcommit) -> None:
+    """Refuse a machine its host cannot hold, with the host row locked (see add_machine)."""
+    row = s.get(HostRow, m.host, with_for_update=True)
+    if row is None:
+        raise NotFound("host", m.host)
+    host = _host(row)
+    ratios = host.placement.ratios(overcommit)
+    used = _host_claims(s, m.host)
+    for what, have, in_use, wanted, show in (
+        ("vCPUs", host.facts.cpus * ratios.cpu, used.cpus, m.cpus, str),
+        ("memory", host.facts.memory_bytes * ratios.memory, used.memory_bytes, m.memory_bytes,
+         format_size),
+        ("disk", host.disk_bytes * ratios.disk, used.disk_bytes, m.disk_claim, format_size),
+    ):
+        if in_use + wanted > have:
+            raise ClaimRefused(
+                f"Host '{m.host}' has no room left for '{m.name}': {show(in_use)} of "
+                f"{show(int(have))} {what} claimed, {show(wanted)} asked.",
+                hint="Another request took it first; place the machine again.",
+            )
+
+
+def _host_image(row: HostImageRow) -> HostImage:
+    return HostImage(host=row.host, image=row.image, path=row.path, state=row.state,
+                     bytes_done=row.bytes_done, owner=row.owner)
 
 
 def _image(row: ImageRow) -> Image:
@@ -689,6 +955,8 @@ def _image(row: ImageRow) -> Image:
         kernel_boot=boot,
         created_at=row.created_at,
         project=row.project,
+        arch=row.arch,
+        accelerator=Accelerator(row.accelerator) if row.accelerator else None,
     )
 
 
@@ -712,6 +980,9 @@ def _machine_row(m: Machine) -> MachineRow:
         created_at=m.created_at,
         project=m.project,
         disk_bytes=m.disk_bytes,
+        disk_claim=m.disk_claim,
+        placement=_hints_json(m.placement),
+        placement_group=m.placement.group,
     )
 
 
@@ -734,6 +1005,8 @@ def _machine(row: MachineRow | Row[*tuple[Any, ...]]) -> Machine:
         ssh_keys=tuple(row.ssh_keys),
         project=row.project,
         disk_bytes=row.disk_bytes,
+        disk_claim=row.disk_claim,
+        placement=_hints(row.placement, row.placement_group),
     )
 
 

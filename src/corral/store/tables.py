@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, ClassVar
 
-from sqlalchemy import JSON, BigInteger, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import JSON, BigInteger, Float, ForeignKey, Index, Integer, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -28,6 +28,16 @@ class HostRow(Base):
     pool_name: Mapped[str] = mapped_column(String(63))
     pool_path: Mapped[str] = mapped_column(Text)
     enrolled_at: Mapped[datetime]
+    network: Mapped[str] = mapped_column(String(63), default="corral")
+    disk_bytes: Mapped[int] = mapped_column(default=0)
+    cpu_score: Mapped[float | None] = mapped_column(Float)
+    state: Mapped[str] = mapped_column(String(16), default="up")
+    state_note: Mapped[str] = mapped_column(Text, default="")
+    last_seen: Mapped[datetime | None]
+    tags: Mapped[list[str]] = mapped_column(default=list)
+    cpu_ratio: Mapped[float | None] = mapped_column(Float)
+    memory_ratio: Mapped[float | None] = mapped_column(Float)
+    disk_ratio: Mapped[float | None] = mapped_column(Float)
 
 
 class ImageRow(Base):
@@ -43,6 +53,9 @@ class ImageRow(Base):
     cmdline: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime]
     project: Mapped[str | None] = mapped_column(ForeignKey("projects.name", ondelete="RESTRICT"))
+    arch: Mapped[str] = mapped_column(String(32), default="x86_64")
+    accelerator: Mapped[str | None] = mapped_column(String(16))
+    """An accelerator the image needs (``kvm``); ``None``: any."""
 
 
 class MachineRow(Base):
@@ -53,7 +66,7 @@ class MachineRow(Base):
     mac: Mapped[str | None] = mapped_column(String(17), unique=True)
     hostname: Mapped[str] = mapped_column(String(63))
     instance_id: Mapped[str] = mapped_column(String(64))
-    host: Mapped[str] = mapped_column(ForeignKey("hosts.name", ondelete="RESTRICT"))
+    host: Mapped[str] = mapped_column(ForeignKey("hosts.name", ondelete="RESTRICT"), index=True)
     # RESTRICT: an image cannot vanish from under the machines whose disks read it.
     image: Mapped[str | None] = mapped_column(ForeignKey("images.name", ondelete="RESTRICT"))
     cpus: Mapped[int] = mapped_column(Integer)
@@ -69,6 +82,27 @@ class MachineRow(Base):
         ForeignKey("projects.name", ondelete="RESTRICT"), index=True
     )
     disk_bytes: Mapped[int | None]
+    disk_claim: Mapped[int] = mapped_column(default=0)
+    placement: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    placement_group: Mapped[str | None] = mapped_column(String(63), index=True)
+
+
+class HostImageRow(Base):
+    """A library image's copy in a host's pool: being copied, or present and verified."""
+
+    __tablename__ = "host_images"
+
+    host: Mapped[str] = mapped_column(ForeignKey("hosts.name", ondelete="CASCADE"),
+                                      primary_key=True)
+    image: Mapped[str] = mapped_column(ForeignKey("images.name", ondelete="CASCADE"),
+                                       primary_key=True)
+    path: Mapped[str] = mapped_column(Text)
+    state: Mapped[str] = mapped_column(String(16))
+    bytes_done: Mapped[int]
+    """How far a copy got: where an interrupted one resumes."""
+    owner: Mapped[str | None] = mapped_column(String(64))
+    """The lock of the process copying it; a free lock means the copy was abandoned."""
+    updated_at: Mapped[datetime]
 
 
 class JobRow(Base):
