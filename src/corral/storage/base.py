@@ -60,3 +60,53 @@ class StorageBackend(abc.ABC):
     @abc.abstractmethod
     def usage(self, path: Path) -> DiskUsage:
         """Virtual size, bytes the volume owns and bytes it shares with its bases."""
+
+    # -- files a multi-host controller places on, and reads from, a host --------------
+    # The controller may not see a remote host's filesystem: these go through the
+    # backend, so a libvirt pool backend can do them over the libvirt connection.
+
+    @abc.abstractmethod
+    def put_file(self, source: Path, dest: Path) -> None:
+        """Copy the local file ``source`` byte for byte to a new volume ``dest``.
+
+        Holes in ``source`` stay holes in ``dest`` where the backend can keep them.
+        Pre: ``dest`` does not exist (else Conflict). On failure ``dest`` does not exist.
+        """
+
+    @abc.abstractmethod
+    def read_tail(self, path: Path, max_bytes: int) -> bytes:
+        """The last ``max_bytes`` bytes of the file at ``path`` (all of it if shorter).
+
+        Works on a file another process is appending to (a console log): the answer
+        ends at wherever the file ended when it was read. Raises NotFound if missing.
+        """
+
+    @abc.abstractmethod
+    def exists(self, path: Path) -> bool:
+        """Whether a volume or file exists at ``path``. Never raises for a missing one."""
+
+    # -- the primitives of a resumable, verified transfer (corral.images.transfer) -------
+
+    @abc.abstractmethod
+    def create_empty(self, dest: Path) -> None:
+        """Create ``dest`` as an empty raw file (zero bytes long) that grows as written.
+
+        Pre: ``dest`` does not exist (else Conflict).
+        """
+
+    @abc.abstractmethod
+    def upload_range(self, source: Path, dest: Path, start: int, end: int) -> None:
+        """Write bytes ``[start, end)`` of the local ``source`` at the same offsets of ``dest``.
+
+        Pre: ``dest`` exists and is at most ``end`` bytes long. Post: its bytes before
+        ``start`` are unchanged, bytes ``[start, end)`` are ``source``'s, whatever ``dest``
+        held there before, and it is ``end`` bytes long. Holes in the range stay holes
+        where the backend can keep them. Not atomic: a failure leaves any prefix written.
+        """
+
+    @abc.abstractmethod
+    def sha256(self, path: Path) -> tuple[str, int]:
+        """The sha256 hex digest and the length of the file at ``path``, read back.
+
+        Holes hash as the zeros they read as. Raises NotFound if missing.
+        """

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import ClassVar
 
-from corral.errors import NoSpace, StorageError
+from corral.errors import Conflict, NoSpace, NotFound, StorageError
 from corral.formats.qcow2 import Qcow2Header, read_qcow2_header, write_overlay
 from corral.model import DiskUsage
 from corral.storage import qemu_img
 from corral.storage.base import FULL_CLONE, LINKED_CLONE, Progress, StorageBackend
 
 _HEADER_BYTES = 64 << 10
+_PIECE = 1 << 20
 
 
 class Qcow2DirBackend(StorageBackend):
@@ -89,6 +92,88 @@ class Qcow2DirBackend(StorageBackend):
         except FileNotFoundError as exc:
             raise StorageError(f"Volume {exc.filename} is missing.") from exc
         return DiskUsage(virtual_size=header.size, owned_bytes=owned, shared_bytes=shared)
+
+    def put_file(self, source: Path, dest: Path) -> None:
+        if dest.exists():
+            raise Conflict(f"Cannot place {source.name} at {dest}: the file already exists.")
+        self.copy(source, dest)
+
+    def read_tail(self, path: Path, max_bytes: int) -> bytes:
+        try:
+            with path.open("rb") as f:
+                end = f.seek(0, os.SEEK_END)
+                f.seek(max(0, end - max_bytes))
+                return f.read(max_bytes)
+        except FileNotFoundError:
+            raise NotFound("file", str(path), called="at") from None
+        except OSError as exc:
+            raise StorageError(f"Could not read {path}: {exc.strerror}.") from exc
+
+    def exists(self, path: Path) -> bool:
+        return path.exists()
+
+    def create_empty(self, dest: Path) -> None:
+        try:
+            os.close(os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644))
+        except FileExistsError:
+            raise Conflict(f"Cannot create {dest}: the file already exists.") from None
+        except OSError as exc:
+            raise _os_error(exc, f"create {dest}", self.directory) from exc
+
+    def upload_range(self, source: Path, dest: Path, start: int, end: int) -> None:
+        # Cutting dest at start drops whatever an earlier attempt left past it, so
+        # holes can stay holes: only data sections are written.
+        try:
+            with source.open("rb") as src, dest.open("r+b") as out:
+                out.truncate(start)
+                for is_data, lo, hi in _sections(src.fileno(), start, end):
+                    pos = lo
+                    while is_data and pos < hi:
+                        data = os.pread(src.fileno(), min(_PIECE, hi - pos), pos)
+                        if not data:
+                            raise StorageError(f"{source} shrank while it was copied.")
+                        pos += os.pwrite(out.fileno(), data, pos)
+                out.truncate(end)
+        except FileNotFoundError as exc:
+            raise NotFound("file", str(exc.filename), called="at") from None
+        except OSError as exc:
+            raise _os_error(exc, f"copy {source.name} to {dest}", self.directory) from exc
+
+    def sha256(self, path: Path) -> tuple[str, int]:
+        digest, length = hashlib.sha256(), 0
+        try:
+            with path.open("rb") as f:
+                while data := f.read(_PIECE):
+                    digest.update(data)
+                    length += len(data)
+        except FileNotFoundError:
+            raise NotFound("file", str(path), called="at") from None
+        except OSError as exc:
+            raise StorageError(f"Could not read {path}: {exc.strerror}.") from exc
+        return digest.hexdigest(), length
+
+
+def _os_error(exc: OSError, action: str, directory: Path) -> StorageError:
+    if exc.errno == errno.ENOSPC:
+        return NoSpace(f"The pool at {directory} is full; free space and retry.")
+    return StorageError(f"Could not {action}: {exc.strerror}.")
+
+
+def _sections(fd: int, start: int, end: int) -> Iterator[tuple[bool, int, int]]:
+    """(is_data, from, to) sections of ``[start, end)`` of ``fd``, by SEEK_DATA/SEEK_HOLE."""
+    pos = start
+    while pos < end:
+        try:
+            data = min(os.lseek(fd, pos, os.SEEK_DATA), end)
+        except OSError:  # ENXIO: a hole from here to the end of the file
+            data = end
+        if data > pos:
+            yield False, pos, data
+            pos = data
+            continue
+        hole = min(os.lseek(fd, pos, os.SEEK_HOLE), end)
+        yield True, pos, hole
+        pos = hole
 
 
 def _header(path: Path) -> Qcow2Header:
