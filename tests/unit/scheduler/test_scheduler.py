@@ -76,8 +76,8 @@ def test_batch_without_claim_is_a_plan_only() -> None:
 
 
 def test_pack_batch_places_largest_first_and_returns_request_order() -> None:
-    # online best fit in arrival order would need 3 hosts: 2+2 on one, then 6 fits nowhere
-    # beside them... largest first fits 6+2 and 2+... on two hosts of 8 GiB.
+    # online best fit in arrival order needs 3 hosts (2+2, 6, 6);
+    # largest first needs 2 (6+2, 6+2)
     inv = Inventory([host(name, memory=8) for name in ("a", "b", "c")])
     reqs = [request("s1", memory=2), request("s2", memory=2), request("l1", memory=6),
             request("l2", memory=6)]
@@ -88,8 +88,9 @@ def test_pack_batch_places_largest_first_and_returns_request_order() -> None:
     inv2 = Inventory([host(name, memory=8) for name in ("a", "b", "c")])
     online = set()
     for req in reqs:
-        online.add(pack.place(inv2, req).host)
-        inv2.claim(pack.place(inv2, req).host, req)
+        placement = pack.place(inv2, req)
+        inv2.claim(placement.host, req)
+        online.add(placement.host)
     assert len(online) == 3
 
 
