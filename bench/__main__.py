@@ -5,7 +5,8 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHES = ["clone_define", "create_overhead", "boot", "batch", "api_list", "state_sweep"]
+BENCHES = ["clone_define", "create_overhead", "boot", "batch", "api_list", "state_sweep",
+           "placement"]
 
 
 def main() -> None:
