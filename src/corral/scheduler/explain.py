@@ -24,7 +24,7 @@ class HostVerdict:
 
 
 def _hosts(n: int) -> str:
-    return "1 host" if n == 1 else f"{n} hosts"
+    return "1 host" if n == 1 else f"{n:,} hosts"
 
 
 def _join(parts: Sequence[str]) -> str:
@@ -62,11 +62,11 @@ class Explanation:
         """One sentence: the request, the hosts and what removed each of them."""
         what = f"'{self.machine}' ({self.needs.describe()})"
         if self.best is not None:
-            return (f"{self.passed} of {_hosts(self.hosts)} can take {what}; "
+            return (f"{self.passed:,} of {_hosts(self.hosts)} can take {what}; "
                     f"'{self.best}' scores best.")
         if self.hosts == 0:
             return f"No host can take {what}: there are no hosts."
-        parts = [f"{n} {r.singular if n == 1 else r.plural}" for r, n in self.reasons]
+        parts = [f"{n:,} {r.singular if n == 1 else r.plural}" for r, n in self.reasons]
         return f"No host can take {what}: of {_hosts(self.hosts)}, {_join(parts)}."
 
     def hint(self) -> str | None:

@@ -146,6 +146,10 @@ class Inventory:
     def host_tags(self, i: int) -> frozenset[str]:
         return self._views[i].tags
 
+    def host_platform(self, i: int) -> tuple[str, str]:
+        """Host ``i``'s (arch, accelerator)."""
+        return self._views[i].arch, self._views[i].accelerator
+
     def view(self, host: str) -> HostView:
         """The host as it is now, with its current claims and group counts."""
         i = self.index(host)

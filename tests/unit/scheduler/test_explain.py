@@ -110,3 +110,9 @@ def test_to_dict_has_stable_keys_and_is_json() -> None:
         "refusals": [{"filter": "state", "key": "down",
                       "detail": "down: the last health check could not reach it"}]}
     assert json.loads(json.dumps(data)) == data
+
+
+def test_large_counts_read_with_thousands_separators() -> None:
+    inv = Inventory([host(f"h{k:04d}", state=HostState.DOWN) for k in range(1200)])
+    assert Scheduler().explain(inv, request()).summary().endswith(
+        "of 1,200 hosts, 1,200 are down.")

@@ -22,13 +22,13 @@ class PlatformFilter(Filter):
         return inv.arch_mask(req.arch) & inv.accel_mask(req.accelerator)
 
     def refusal(self, inv: Inventory, req: Request, i: int) -> Refusal:
-        view = inv.view(inv.names[i])
-        if req.arch is not None and view.arch != req.arch:
+        arch, accelerator = inv.host_platform(i)
+        if req.arch is not None and arch != req.arch:
             return Refusal(self.name, f"arch:{req.arch}", f"is not {req.arch}",
-                           f"are not {req.arch}", f"{view.arch}, not {req.arch}")
+                           f"are not {req.arch}", f"{arch}, not {req.arch}")
         return Refusal(self.name, f"accelerator:{req.accelerator}",
                        f"lacks {req.accelerator}", f"lack {req.accelerator}",
-                       f"accelerator {view.accelerator}, not {req.accelerator}")
+                       f"accelerator {accelerator}, not {req.accelerator}")
 
     def hint(self, inv: Inventory, req: Request, refused: Sequence[int]) -> str | None:
         wanted = " with ".join(x for x in (req.arch, req.accelerator) if x is not None)
