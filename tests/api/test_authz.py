@@ -128,6 +128,18 @@ ROWS = [
     Row("GET", "/hosts", _everyone(200), _simple("GET", "/hosts")),
     Row("GET", "/hosts/{name}", _everyone(200), _simple("GET", "/hosts/local")),
     Row("POST", "/hosts/{name}/probe", _admin_only(200), _simple("POST", "/hosts/local/probe")),
+    Row("POST", "/hosts", _admin_only(503), _simple("POST", "/hosts", json={
+        "name": "unreachable", "uri": "qemu+tcp://127.0.0.1:1/system"})),
+    Row("PATCH", "/hosts/{name}", _admin_only(200),
+        _simple("PATCH", "/hosts/local", json={"tags": []})),
+    Row("PUT", "/hosts/{name}/maintenance", _admin_only(200),
+        _simple("PUT", "/hosts/local/maintenance", json={"on": False})),
+    Row("DELETE", "/hosts/{name}", _admin_only(409), _simple("DELETE", "/hosts/local")),
+    Row("POST", "/hosts/check", _admin_only(200), _simple("POST", "/hosts/check")),
+    Row("POST", "/placement/explain", _p1_manager(200), lambda c, w, r: c.post(
+        "/placement/explain", json={"name": w.n("why", r), "image": "appliance",
+                                    "project": "p1"})),
+    Row("GET", "/pool/rebalance", _admin_only(200), _simple("GET", "/pool/rebalance")),
     Row("GET", "/pools", _everyone(200), _simple("GET", "/pools")),
     Row("GET", "/images", _everyone(200), _simple("GET", "/images")),
     Row("GET", "/images/{name}", _p1_reader(), _simple("GET", "/images/img-p1")),

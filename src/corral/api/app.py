@@ -12,8 +12,17 @@ from fastapi import FastAPI
 from corral import __version__
 from corral.api import problems
 from corral.api.audit import AuditMiddleware
-from corral.api.routers import accounts, auth, console, hosts, images, jobs, machines
-from corral.api.services import JobWorker, LoginThrottle, PowerSweeper, Services
+from corral.api.routers import (
+    accounts,
+    auth,
+    console,
+    hosts,
+    images,
+    jobs,
+    machines,
+    placement,
+)
+from corral.api.services import HealthChecker, JobWorker, LoginThrottle, PowerSweeper, Services
 from corral.config import Settings
 from corral.ops.context import Context
 from corral.ops.hosts import local_host
@@ -42,14 +51,18 @@ def create_app(settings: Settings, *, throttle: LoginThrottle | None = None) -> 
             for part in (settings.state_dir / "uploads").glob("*.part"):
                 part.unlink(missing_ok=True)  # uploads cut off when a server stopped
             sweeper = PowerSweeper(ctx, settings.sweep_interval)
+            health = HealthChecker(ctx, settings.health_interval)
             worker = JobWorker()
-            app.state.services = Services(ctx, worker, sweeper, throttle or LoginThrottle())
+            app.state.services = Services(ctx, worker, sweeper, throttle or LoginThrottle(),
+                                          health=health)
             sweeper.start()
+            health.start()
             try:
                 yield
             finally:
                 # In threads: waiting for running jobs must not freeze the event loop.
                 await anyio.to_thread.run_sync(worker.shutdown)
+                await anyio.to_thread.run_sync(health.stop)
                 await anyio.to_thread.run_sync(sweeper.stop)
         finally:
             ctx.close()
@@ -66,6 +79,7 @@ def create_app(settings: Settings, *, throttle: LoginThrottle | None = None) -> 
         auth.router,
         hosts.router,
         hosts.pools,
+        placement.router,
         images.router,
         machines.router,
         jobs.router,

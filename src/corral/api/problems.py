@@ -18,6 +18,7 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
 from corral.errors import CorralError, TooManyRequests, Unauthenticated
+from corral.scheduler import Explanation, NoValidHost
 
 log = logging.getLogger(__name__)
 MEDIA_TYPE = "application/problem+json"
@@ -31,6 +32,11 @@ class Problem(BaseModel):
     errors: list[dict[str, Any]] | None = Field(
         default=None, description="Per-field problems of a request that failed validation."
     )
+    explanation: dict[str, Any] | None = Field(
+        default=None,
+        description="When no host can take a machine: every host's verdict (see "
+        "POST /placement/explain), with 'lines', the breakdown as plain-text rows.",
+    )
 
 
 def problem_response(
@@ -39,9 +45,11 @@ def problem_response(
     title: str,
     detail: str,
     errors: list[dict[str, Any]] | None = None,
+    explanation: dict[str, Any] | None = None,
 ) -> JSONResponse:
     body = Problem(
-        type=f"/problems/{kind}", title=title, status=status, detail=detail, errors=errors
+        type=f"/problems/{kind}", title=title, status=status, detail=detail, errors=errors,
+        explanation=explanation,
     )
     return JSONResponse(
         body.model_dump(exclude_none=True), status_code=status, media_type=MEDIA_TYPE
@@ -56,11 +64,21 @@ def _title(name: str) -> str:
     return re.sub(r"(?<!^)(?=[A-Z])", " ", name).capitalize()
 
 
+def explain_dict(explanation: Explanation) -> dict[str, Any]:
+    """An explanation's stable keys, plus its per-host breakdown as text rows."""
+    return {**explanation.to_dict(), "lines": explanation.lines()}
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(CorralError)
     async def corral_error(_request: Request, exc: CorralError) -> JSONResponse:
         name = type(exc).__name__
-        response = problem_response(exc.http_status, _slug(name), _title(name), str(exc))
+        detail, explanation = str(exc), None
+        if isinstance(exc, NoValidHost):
+            # The summary sentence; the hint and every host's verdict go in an extension.
+            detail, explanation = exc.message, explain_dict(exc.explanation)
+        response = problem_response(exc.http_status, _slug(name), _title(name), detail,
+                                    explanation=explanation)
         if isinstance(exc, TooManyRequests):
             response.headers["Retry-After"] = str(exc.retry_after)
         if isinstance(exc, Unauthenticated):  # RFC 9110: a 401 names its scheme

@@ -4,7 +4,7 @@ cannot slip in an owner, a UUID or a disk path (mass assignment)."""
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Annotated, Generic, TypeVar
+from typing import Annotated, Generic, Literal, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
@@ -12,10 +12,13 @@ from corral.model import (
     AuditEntry,
     CloneMode,
     Event,
+    GroupPolicy,
     Host,
+    HostState,
     Image,
     Job,
     Machine,
+    Overcommit,
     PowerState,
     Project,
     Quota,
@@ -54,51 +57,124 @@ class Page(BaseModel, Generic[T]):
 # -- hosts -----------------------------------------------------------------------------
 
 
+class HostCapacity(BaseModel):
+    threads: int = Field(description="Logical CPUs vCPUs may run on.")
+    memory_bytes: int
+    disk_bytes: int = Field(description="Capacity of the host's storage pool.")
+
+
+class HostClaims(BaseModel):
+    machines: int
+    cpus: int = Field(description="vCPUs of the machines recorded on this host.")
+    memory_bytes: int
+    disk_bytes: int = Field(description="Pool bytes the machines' disks reserve.")
+
+
 class HostOut(BaseModel):
     name: str
     uri: str
-    state: str = Field(description="up, or down when libvirtd does not answer.")
+    state: HostState = Field(description="up; down when it stops answering; maintenance.")
+    state_note: str = Field(description="Why the host is down or in maintenance.")
+    up: bool = Field(description="Whether the state is up: new machines may go there.")
+    last_seen: Timestamp | None = Field(description="When the host last answered.")
     accelerator: str
     accelerator_note: str
     cpu_model: str
     cpus: int
     memory_bytes: int
+    cpu_score: float | None = Field(description="Single-thread speed; bigger is faster.")
+    network: str
     pool_name: str
     pool_path: str
-    disk_bytes: int | None = Field(description="Capacity of the pool's filesystem.")
-    disk_free_bytes: int | None
+    tags: list[str]
+    cpu_ratio: float = Field(description="Effective vCPU overcommit (vCPUs per thread).")
+    memory_ratio: float
+    disk_ratio: float
+    capacity: HostCapacity
+    claimed: HostClaims
+    disk_bytes: int = Field(description="Capacity of the host's storage pool.")
     used_cpus: int = Field(description="vCPUs of the machines recorded on this host.")
     used_memory_bytes: int
-    used_disk_bytes: int = Field(description="Virtual disk sizes of its machines.")
+    used_disk_bytes: int = Field(description="Pool bytes its machines' disks reserve.")
     machines: int
 
     @classmethod
-    def of(
-        cls,
-        host: Host,
-        *,
-        up: bool,
-        disk: tuple[int, int] | None,
-        used: Usage,
-    ) -> HostOut:
+    def of(cls, host: Host, *, claimed: Usage, default: Overcommit) -> HostOut:
+        ratios = host.placement.ratios(default)
         return cls(
             name=host.name,
             uri=host.uri,
-            state="up" if up else "down",
+            state=host.state,
+            state_note=host.state_note,
+            up=host.state is HostState.UP,
+            last_seen=host.last_seen,
             accelerator=host.accelerator.value,
             accelerator_note=host.accelerator_note,
             cpu_model=host.facts.cpu_model,
             cpus=host.facts.cpus,
             memory_bytes=host.facts.memory_bytes,
+            cpu_score=host.cpu_score,
+            network=host.network,
             pool_name=host.pool_name,
             pool_path=host.pool_path,
-            disk_bytes=disk[0] if disk else None,
-            disk_free_bytes=disk[1] if disk else None,
-            used_cpus=used.cpus,
-            used_memory_bytes=used.memory_bytes,
-            used_disk_bytes=used.disk_bytes,
-            machines=used.machines,
+            tags=sorted(host.placement.tags),
+            cpu_ratio=ratios.cpu,
+            memory_ratio=ratios.memory,
+            disk_ratio=ratios.disk,
+            capacity=HostCapacity(threads=host.facts.cpus, memory_bytes=host.facts.memory_bytes,
+                                  disk_bytes=host.disk_bytes),
+            claimed=HostClaims(machines=claimed.machines, cpus=claimed.cpus,
+                               memory_bytes=claimed.memory_bytes,
+                               disk_bytes=claimed.disk_bytes),
+            disk_bytes=host.disk_bytes,
+            used_cpus=claimed.cpus,
+            used_memory_bytes=claimed.memory_bytes,
+            used_disk_bytes=claimed.disk_bytes,
+            machines=claimed.machines,
         )
+
+
+Tag = Annotated[str, StringConstraints(pattern=r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")]
+Ratio = Annotated[float, Field(gt=0, le=1000)]
+RemoteUri = Annotated[str, StringConstraints(
+    pattern=r"^qemu\+(tcp|tls|ssh)://[A-Za-z0-9.\-\[\]:@_]+/system$", max_length=500)]
+
+
+class HostCreate(Strict):
+    name: Name
+    uri: RemoteUri = Field(description="The host's libvirt URI, e.g. qemu+tcp://10.0.0.2/system.")
+    pool_path: Annotated[str, StringConstraints(pattern=r"^/[^\x00]*$", max_length=1000)] | None = (
+        Field(default=None, description="null: /var/lib/libvirt/images/corral on the host."))
+    network: Name | None = Field(default=None, description="null: the server's network name.")
+    tags: list[Tag] = Field(default_factory=list, max_length=64)
+    cpu_ratio: Ratio | None = Field(default=None, description="null: the global ratio.")
+    memory_ratio: Ratio | None = None
+    disk_ratio: Ratio | None = None
+    accelerator: Literal["auto", "kvm", "tcg"] | None = Field(
+        default=None, description="null: the server's setting.")
+
+
+class HostUpdate(Strict):
+    tags: list[Tag] | None = Field(default=None, max_length=64)
+    cpu_ratio: Ratio | None = None
+    memory_ratio: Ratio | None = None
+    disk_ratio: Ratio | None = None
+
+
+class Maintenance(Strict):
+    on: bool
+
+
+class HealthChangeOut(BaseModel):
+    host: str
+    before: HostState
+    after: HostState
+    note: str
+
+
+class HealthReport(BaseModel):
+    changes: list[HealthChangeOut]
+    hosts: list[HostOut]
 
 
 # -- images ----------------------------------------------------------------------------
@@ -144,7 +220,83 @@ class MachineCreate(Strict):
     )
     start: bool = True
     project: Name | None = Field(default=None, description="null: the caller's own project.")
-    host: Name | None = Field(default=None, description="Admins only.")
+    host: Name | None = Field(default=None, description="Admins only: this host, no scheduling.")
+    tags: list[Tag] = Field(default_factory=list, max_length=64,
+                            description="The host must carry every one of these tags.")
+    group: Name | None = Field(default=None, description="A placement group to join.")
+    policy: GroupPolicy | None = Field(
+        default=None, description="A new group's policy; null joins a group as it is.")
+    soft: bool = Field(default=False, description="The group's policy is only a preference.")
+    fast: bool = Field(default=False, description="Prefer the fastest single thread.")
+    dry_run: bool = Field(default=False, description="Only say where each machine would go.")
+
+
+class PlacementOut(BaseModel):
+    machine: str
+    host: str
+    score: float
+    scores: dict[str, float]
+
+
+class PlacementPlan(BaseModel):
+    """A dry run: where each machine would go; nothing was created."""
+
+    placements: list[PlacementOut]
+
+
+class RefusalOut(BaseModel):
+    filter: str
+    key: str
+    detail: str
+
+
+class VerdictOut(BaseModel):
+    host: str
+    passed: bool
+    total: float | None
+    scores: dict[str, float]
+    refusals: list[RefusalOut]
+
+
+class RemovedOut(BaseModel):
+    filter: str
+    hosts: int
+
+
+class NeedsOut(BaseModel):
+    cpus: int
+    memory_bytes: int
+    disk_bytes: int
+
+
+class ExplanationOut(BaseModel):
+    """Every host's verdict for one machine, best first, then the refused by name."""
+
+    machine: str
+    needs: NeedsOut
+    hosts: int
+    passed: int
+    best: str | None
+    summary: str = Field(description="One sentence: the request, the hosts and the refusals.")
+    hint: str | None
+    removed: list[RemovedOut]
+    verdicts: list[VerdictOut]
+    lines: list[str] = Field(description="The per-host breakdown as plain-text rows.")
+
+
+class MoveOut(BaseModel):
+    machine: str
+    source: str
+    target: str
+    reason: str
+    spread_before: float
+    spread_after: float
+
+
+class RebalancePlan(BaseModel):
+    """Migrations that would even out the load; a plan only, nothing moves."""
+
+    moves: list[MoveOut]
 
 
 class MachineClone(Strict):
@@ -405,5 +557,6 @@ class PoolOut(BaseModel):
     host: str
     type: str
     path: str
-    capacity_bytes: int | None
-    free_bytes: int | None
+    capacity_bytes: int | None = Field(description="As the host's last probe measured it.")
+    claimed_bytes: int = Field(description="What the machines' disks on it reserve.")
+    free_bytes: int | None = Field(description="Capacity not yet claimed.")

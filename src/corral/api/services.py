@@ -9,15 +9,18 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import anyio
 
 from corral.errors import CorralError, TooManyRequests
-from corral.model import PowerState
+from corral.model import Host, HostState, PowerState
+from corral.ops import hosts as host_ops
 from corral.ops.accounts import Principal, expired, invalid_token, resolve_token
 from corral.ops.context import Context
+from corral.ops.hosts import HealthChange
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -47,27 +50,18 @@ class JobWorker:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
-class PowerSweeper:
-    """Every machine's power state, refreshed in the background with one bulk call.
+class _Periodic:
+    """A daemon thread that calls ``run`` every ``interval`` seconds until stopped."""
 
-    Listings read the last sweep instead of asking libvirt per machine per request.
-    """
-
-    def __init__(self, ctx: Context, interval: float) -> None:
-        self._ctx = ctx
+    def __init__(self, name: str, interval: float) -> None:
         self._interval = interval
-        self._states: dict[str, PowerState] = {}
-        self.version = 0
-        """Changes whenever a sweep finds any state different from the one before."""
-        self.swept_at: float | None = None
-        self.healthy = False
-        """Whether the last sweep reached the host's libvirtd."""
         self._stop = threading.Event()
-        self._sweeping = threading.Lock()
-        self._thread = threading.Thread(target=self._loop, name="corral-sweep", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+
+    def run(self) -> None:
+        raise NotImplementedError
 
     def start(self) -> None:
-        self.sweep()
         self._thread.start()
 
     def stop(self) -> None:
@@ -75,31 +69,112 @@ class PowerSweeper:
         if self._thread.is_alive():
             self._thread.join()
 
+    def _loop(self) -> None:
+        while not self._stop.wait(self._interval):
+            self.run()
+
+
+class PowerSweeper(_Periodic):
+    """Every machine's power state, refreshed in the background: one bulk call per host
+    that is not down (in maintenance, machines keep running), all hosts at once.
+
+    Listings read the last sweep instead of asking libvirt per machine per request. A
+    host that fails is skipped (its machines keep the states last seen); the others'
+    states are still refreshed.
+    """
+
+    def __init__(self, ctx: Context, interval: float) -> None:
+        super().__init__("corral-sweep", interval)
+        self._ctx = ctx
+        self._by_host: dict[str, dict[str, PowerState]] = {}
+        self._states: dict[str, PowerState] = {}
+        self.version = 0
+        """Changes whenever a sweep finds any state different from the one before."""
+        self.swept_at: float | None = None
+        self.healthy = False
+        """Whether the last sweep reached every host it asked."""
+        self._sweeping = threading.Lock()
+
+    def start(self) -> None:
+        self.sweep()
+        super().start()
+
+    def run(self) -> None:
+        self.sweep()
+
     def sweep(self) -> dict[str, PowerState]:
         # Requests sweep too (after a power action): one at a time, so an older
         # answer never overwrites a newer one.
         with self._sweeping:
             try:
-                states = self._ctx.driver.power_states()
+                hosts = [h for h in self._ctx.store.list_hosts() if h.state is not HostState.DOWN]
+                answers = self._ask(hosts)
+                by_host = {h.name: answers.get(h.name, self._by_host.get(h.name, {}))
+                           for h in hosts}
+                states = {name: state for part in by_host.values()
+                          for name, state in part.items()}
+                self._by_host = by_host
                 if states != self._states:
                     self._states = states
                     self.version += 1
                 self.swept_at = time.monotonic()
-                self.healthy = True
-            except CorralError as exc:
-                self.healthy = False
-                log.warning("power sweep failed: %s", exc)
+                self.healthy = len(answers) == len(hosts)
             except Exception:
                 self.healthy = False  # keep sweeping: states must not freeze silently
                 log.exception("power sweep failed unexpectedly")
             return self._states
 
+    def _ask(self, hosts: list[Host]) -> dict[str, dict[str, PowerState]]:
+        """Each host's answer; a host that fails or is slower than the host timeout is
+        left out."""
+        def one(host: Host) -> dict[str, PowerState]:
+            return self._ctx.on(host).driver.power_states()
+
+        answers: dict[str, dict[str, PowerState]] = {}
+        if len(hosts) == 1:  # the usual case: no thread hop
+            try:
+                answers[hosts[0].name] = one(hosts[0])
+            except CorralError as exc:
+                log.warning("power sweep of host %s failed: %s", hosts[0].name, exc)
+            return answers
+        pool = ThreadPoolExecutor(max_workers=min(16, len(hosts)) or 1,
+                                  thread_name_prefix="corral-sweep-host")
+        try:
+            futures = {h.name: pool.submit(one, h) for h in hosts}
+            deadline = time.monotonic() + self._ctx.settings.host_timeout
+            for name, future in futures.items():
+                try:
+                    answers[name] = future.result(max(0.0, deadline - time.monotonic()))
+                except FutureTimeout:
+                    log.warning("power sweep of host %s: no answer in time", name)
+                except CorralError as exc:
+                    log.warning("power sweep of host %s failed: %s", name, exc)
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+        return answers
+
     def state(self, name: str) -> PowerState | None:
         return self._states.get(name)
 
-    def _loop(self) -> None:
-        while not self._stop.wait(self._interval):
-            self.sweep()
+
+class HealthChecker(_Periodic):
+    """Checks every host's health in the background (see ``ops.hosts.check_health``);
+    no error stops it."""
+
+    def __init__(self, ctx: Context, interval: float,
+                 on_change: Callable[[HealthChange], None] = lambda c: None) -> None:
+        super().__init__("corral-health", interval)
+        self._ctx = ctx
+        self._on_change = on_change
+
+    def run(self) -> None:
+        try:
+            for change in host_ops.check_health(self._ctx, on_change=self._on_change):
+                log.warning("host %s is %s: %s", change.host, change.after.value, change.note)
+        except CorralError as exc:
+            log.warning("host health check failed: %s", exc)
+        except Exception:
+            log.exception("host health check failed unexpectedly")
 
 
 @dataclass
@@ -193,6 +268,7 @@ class Services:
     worker: JobWorker
     sweeper: PowerSweeper
     throttle: LoginThrottle
+    health: HealthChecker | None = None
     tokens: ReadCache = field(default_factory=lambda: ReadCache(1024))
     pages: ReadCache = field(default_factory=ReadCache)
 

@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import logging
 import socket
-from pathlib import Path
 from urllib.parse import urlsplit
 
 import anyio
@@ -27,7 +26,7 @@ from corral.api.deps import SESSION_COOKIE
 from corral.api.routers.machines import visible
 from corral.api.services import Services
 from corral.errors import CorralError, Forbidden, NotFound, Unauthenticated
-from corral.ops.machines import console_log
+from corral.ops.context import HostHandle
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["machines"])
@@ -94,27 +93,30 @@ async def console(websocket: WebSocket, name: str) -> None:
         ctx.store.add_audit, principal.name, "WS /machines/{name}/console",
         websocket.url.path, 101,
     )
-    backlog = await anyio.to_thread.run_sync(_backlog, console_log(ctx, name))
+    try:
+        handle = await anyio.to_thread.run_sync(ctx.on, machine.host)
+    except CorralError as exc:
+        await websocket.close(code=_code(exc), reason=_reason(str(exc)))
+        return
+    backlog = await anyio.to_thread.run_sync(_backlog, handle, name)
     if backlog:
         await websocket.send_bytes(backlog)
-    await _bridge(websocket, svc, name)
+    await _bridge(websocket, handle, name)
 
 
-def _backlog(log_file: Path) -> bytes:
+def _backlog(handle: HostHandle, name: str) -> bytes:
     """The last few lines the guest printed before this session, so a console opened
     on a quiet guest does not start blank. The stream carries everything after."""
     try:
-        with log_file.open("rb") as f:
-            f.seek(max(0, log_file.stat().st_size - _BACKLOG))
-            data = f.read(_BACKLOG)
-    except OSError:
+        data = handle.read_console(name, _BACKLOG)
+    except (OSError, CorralError):
         return b""
     if len(data) == _BACKLOG:
         data = data.partition(b"\n")[2]  # start at a whole line
     return data
 
 
-async def _bridge(websocket: WebSocket, svc: Services, name: str) -> None:
+async def _bridge(websocket: WebSocket, handle: HostHandle, name: str) -> None:
     ours, theirs = socket.socketpair()
     ours.setblocking(False)
     loop = asyncio.get_running_loop()
@@ -123,7 +125,7 @@ async def _bridge(websocket: WebSocket, svc: Services, name: str) -> None:
 
     def attach() -> None:
         try:
-            svc.ctx.driver.attach_console(name, theirs.fileno(), theirs.fileno())
+            handle.driver.attach_console(name, theirs.fileno(), theirs.fileno())
         except CorralError as exc:
             failure.append(exc)
         except Exception:

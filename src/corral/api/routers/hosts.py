@@ -1,62 +1,137 @@
-"""Hosts and their storage pools, with capacity and what is in use."""
+"""Hosts and their storage pools: state, placement settings, capacity and claims.
+
+Reading is for every caller; enrolling, changing, maintenance, removal, probing and
+health checks are for admins. A host's state and pool capacity come from the store
+(health checks and probes keep them), never from this machine's filesystem: a remote
+host's pool path is not here.
+"""
 
 from __future__ import annotations
 
-import os
+from dataclasses import replace
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Response
 
 from corral.api.deps import Caller, ServicesDep
 from corral.api.problems import documented
-from corral.api.schemas import HostOut, Name, PoolOut
-from corral.errors import NotFound
-from corral.model import Host
+from corral.api.schemas import (
+    HealthChangeOut,
+    HealthReport,
+    HostCreate,
+    HostOut,
+    HostUpdate,
+    Maintenance,
+    Name,
+    PoolOut,
+)
+from corral.model import Host, HostPlacement
 from corral.ops import hosts as host_ops
+from corral.ops.hosts import DEFAULT_REMOTE_POOL
 
 router = APIRouter(prefix="/hosts", tags=["hosts"], responses=documented(401, 403, 404, 422))
 pools = APIRouter(prefix="/pools", tags=["hosts"], responses=documented(401))
 
 
-def _disk(path: str) -> tuple[int, int] | None:
-    try:
-        st = os.statvfs(path)
-    except OSError:
-        return None
-    return st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
-
-
 def _out(svc: ServicesDep, host: Host) -> HostOut:
-    used = svc.ctx.store.host_usage(host.name)
-    return HostOut.of(host, up=svc.sweeper.healthy, disk=_disk(host.pool_path), used=used)
+    ctx = svc.ctx
+    return HostOut.of(host, claimed=ctx.store.host_claims(host.name), default=ctx.overcommit)
 
 
-@router.get("", summary="Every enrolled host with capacity and use")
+@router.get("", summary="Every enrolled host with its state, capacity and claims")
 def list_hosts(_caller: Caller, svc: ServicesDep) -> list[HostOut]:
     return [_out(svc, h) for h in svc.ctx.store.list_hosts()]
 
 
-@router.get("/{name}", summary="One host")
-def get_host(name: Name, _caller: Caller, svc: ServicesDep) -> HostOut:
-    host = svc.ctx.store.find_host(name)
-    if host is None:
-        raise NotFound("host", name)
+@router.post(
+    "", status_code=201, summary="Enrol a host by its libvirt URI, probing it (admins)",
+    responses=documented(400, 409, 500, 503),
+)
+def add_host(body: HostCreate, caller: Caller, svc: ServicesDep) -> HostOut:
+    """Connects, prepares the pool and network, and boots a probe guest to choose the
+    accelerator and measure the CPU. Nothing is kept if the host cannot be reached."""
+    caller.require_admin()
+    placement = HostPlacement(
+        tags=frozenset(body.tags), cpu_ratio=body.cpu_ratio, memory_ratio=body.memory_ratio,
+        disk_ratio=body.disk_ratio,
+    )
+    host = host_ops.add_host(
+        svc.ctx, body.name, body.uri, pool_path=body.pool_path or DEFAULT_REMOTE_POOL,
+        network=body.network, placement=placement, accelerator=body.accelerator,
+    )
     return _out(svc, host)
 
 
-@router.post("/{name}/probe", summary="Probe the host again (admins)")
+@router.post("/check", summary="Check every host's health now (admins)",
+             responses=documented(500))
+def check_hosts(caller: Caller, svc: ServicesDep) -> HealthReport:
+    """Asks every host not in maintenance; marks those that do not answer down, and
+    those that answer again up. Answers with the changes and every host."""
+    caller.require_admin()
+    changes = host_ops.check_health(svc.ctx)
+    return HealthReport(
+        changes=[HealthChangeOut(host=c.host, before=c.before, after=c.after, note=c.note)
+                 for c in changes],
+        hosts=[_out(svc, h) for h in svc.ctx.store.list_hosts()],
+    )
+
+
+@router.get("/{name}", summary="One host")
+def get_host(name: Name, _caller: Caller, svc: ServicesDep) -> HostOut:
+    return _out(svc, svc.ctx.store.get_host(name))
+
+
+@router.patch("/{name}", summary="Change a host's tags and overcommit ratios (admins)")
+def update_host(name: Name, body: HostUpdate, caller: Caller, svc: ServicesDep) -> HostOut:
+    """Only the fields sent change; a ratio sent as null follows the global ratio again."""
+    caller.require_admin()
+    current = svc.ctx.store.get_host(name).placement
+    sent = body.model_fields_set
+    placement = replace(
+        current,
+        tags=frozenset(body.tags) if body.tags is not None else current.tags,
+        cpu_ratio=body.cpu_ratio if "cpu_ratio" in sent else current.cpu_ratio,
+        memory_ratio=body.memory_ratio if "memory_ratio" in sent else current.memory_ratio,
+        disk_ratio=body.disk_ratio if "disk_ratio" in sent else current.disk_ratio,
+    )
+    return _out(svc, svc.ctx.store.set_host_placement(name, placement))
+
+
+@router.put("/{name}/maintenance", summary="Put a host in maintenance, or take it out (admins)")
+def set_maintenance(name: Name, body: Maintenance, caller: Caller,
+                    svc: ServicesDep) -> HostOut:
+    """A host in maintenance receives no new machines; its machines keep running."""
+    caller.require_admin()
+    return _out(svc, host_ops.set_maintenance(svc.ctx, name, body.on))
+
+
+@router.delete(
+    "/{name}", status_code=204, summary="Forget a host (admins)", responses=documented(409),
+)
+def remove_host(name: Name, caller: Caller, svc: ServicesDep) -> Response:
+    """Refused (409) while machines are recorded on it, and for the local host. The
+    host's pool and files stay where they are."""
+    caller.require_admin()
+    host_ops.remove_host(svc.ctx, name)
+    return Response(status_code=204)
+
+
+@router.post("/{name}/probe", summary="Probe the host again (admins)",
+             responses=documented(500, 503))
 def probe_host(name: Name, caller: Caller, svc: ServicesDep) -> HostOut:
     caller.require_admin()
-    if svc.ctx.store.find_host(name) is None:
-        raise NotFound("host", name)
-    return _out(svc, host_ops.reprobe(svc.ctx))
+    svc.ctx.store.get_host(name)  # 404 before any connection
+    return _out(svc, host_ops.probe(svc.ctx, name))
 
 
-@pools.get("", summary="Storage pools with capacity and free space")
+@pools.get("", summary="Every host's storage pool with capacity and claims")
 def list_pools(_caller: Caller, svc: ServicesDep) -> list[PoolOut]:
     out = []
     for host in svc.ctx.store.list_hosts():
-        disk = _disk(host.pool_path)
-        out.append(PoolOut(name=host.pool_name, host=host.name, type="qcow2", path=host.pool_path,
-                           capacity_bytes=disk[0] if disk else None,
-                           free_bytes=disk[1] if disk else None))
+        claimed = svc.ctx.store.host_claims(host.name).disk_bytes
+        capacity = host.disk_bytes or None
+        out.append(PoolOut(
+            name=host.pool_name, host=host.name, type="qcow2", path=host.pool_path,
+            capacity_bytes=capacity, claimed_bytes=claimed,
+            free_bytes=None if capacity is None else max(0, capacity - claimed),
+        ))
     return out

@@ -25,12 +25,14 @@ from corral.api.schemas import (
     MachineOut,
     Name,
     Page,
+    PlacementOut,
+    PlacementPlan,
     UsageOut,
     as_utc,
 )
 from corral.api.services import Services
 from corral.errors import NotFound
-from corral.model import Machine, MachineSpec, RecordState
+from corral.model import Machine, MachineSpec, PlacementHints, RecordState
 from corral.ops import lifecycle, provision
 from corral.ops.accounts import Principal
 from corral.ops.context import Context
@@ -124,21 +126,16 @@ def _isoformat(value: object) -> str:
     raise TypeError(f"cannot encode {type(value).__name__}")
 
 
-@router.post(
-    "", status_code=202, summary="Create machines; answers with one job per machine",
-    responses={**_ACCEPTED, **documented(409, 507)},
-)
-def create_machines(body: MachineCreate, caller: Caller, svc: ServicesDep) -> Accepted:
-    ctx = svc.ctx
+def machine_spec(body: MachineCreate, caller: Principal, ctx: Context) -> MachineSpec:
+    """The request as a spec, after the caller's rights to its project and host."""
     project = body.project or caller.home_project()
     if not caller.can_read(project):
         raise NotFound("project", project)
     caller.require_manage(project)
     if body.host is not None:
         caller.require_admin()
-        if ctx.store.find_host(body.host) is None:
-            raise NotFound("host", body.host)
-    spec = MachineSpec(
+        ctx.store.get_host(body.host)
+    return MachineSpec(
         name=body.name,
         image=body.image,
         cpus=body.cpus,
@@ -148,7 +145,35 @@ def create_machines(body: MachineCreate, caller: Caller, svc: ServicesDep) -> Ac
         ssh_keys=tuple(body.ssh_keys),
         start=body.start,
         project=project,
+        placement=PlacementHints(
+            host=body.host, tags=frozenset(body.tags), group=body.group, policy=body.policy,
+            hard=not body.soft, fast=body.fast,
+        ),
     )
+
+
+@router.post(
+    "", status_code=202,
+    summary="Create machines; answers with one job per machine (or a plan, with dry_run)",
+    responses={
+        **_ACCEPTED,
+        200: {"model": PlacementPlan,
+              "description": "dry_run: where each machine would go; nothing was created"},
+        **documented(409, 507),
+    },
+)
+def create_machines(body: MachineCreate, caller: Caller, svc: ServicesDep,
+                    response: Response) -> Accepted | PlacementPlan:
+    """The scheduler places the batch as a whole; when no host can take a machine the
+    answer is 409 with an ``explanation`` member: every host's verdict."""
+    ctx = svc.ctx
+    spec = machine_spec(body, caller, ctx)
+    if body.dry_run:
+        response.status_code = 200
+        return PlacementPlan(placements=[
+            PlacementOut(machine=p.machine, host=p.host, score=p.score, scores=dict(p.scores))
+            for p in provision.plan_placement(ctx, spec, body.count)
+        ])
     jobs = provision.plan_machines(ctx, spec, body.count)
     svc.worker.submit(
         f"creating {body.name}", partial(provision.provision, ctx, jobs, start=body.start)
