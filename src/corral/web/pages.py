@@ -111,6 +111,7 @@ def machines_page(request: Request, session: SessionDep, svc: ServicesDep) -> HT
     images = image_routes.list_images(caller, svc)
     return _render(request, "machines.html", session, "machines",
                    machines=_machines(caller, svc), images=images,
+                   hosts=host_routes.list_hosts(caller, svc),
                    jobs=_jobs(caller, svc, 6))
 
 

@@ -31,7 +31,12 @@
       location.href = "/ui/login?next=" + encodeURIComponent(location.pathname);
       throw new Error("Your session ended; log in again.");
     }
-    if (!r.ok) throw new Error(await problemOf(r, r.status));
+    if (!r.ok) {
+      const text = await r.text();
+      const err = new Error(await problemOf(text, r.status));
+      try { err.problem = JSON.parse(text); } catch (_) { err.problem = null; }
+      throw err;
+    }
     return r.status === 204 ? null : r.json();
   }
 
@@ -141,6 +146,24 @@
         toast(`Image ${name} deleted`, "ok");
       } catch (err) { toast(err.message, "error"); }
       changed();
+    } else if (el.dataset.maintenance) {
+      const { maintenance, host } = el.dataset;
+      el.disabled = true;
+      try {
+        await api("PUT", `/hosts/${encodeURIComponent(host)}/maintenance`, { on: maintenance === "on" });
+        toast(`${host}: maintenance ${maintenance}`, "ok");
+        setTimeout(() => location.reload(), 300);
+      } catch (err) { toast(err.message, "error"); el.disabled = false; }
+    } else if (el.hasAttribute("data-check-hosts")) {
+      el.disabled = true;
+      try {
+        const report = await api("POST", "/hosts/check");
+        const changed = report.changes.map((c) => `${c.host} is ${c.after}`).join(", ");
+        toast(changed ? `Health: ${changed}` : "Every host is as it was.", "ok");
+        setTimeout(() => location.reload(), 300);
+      } catch (err) { toast(err.message, "error"); el.disabled = false; }
+    } else if (el.id === "create-preview-button") {
+      previewCreate(el.closest("form"));
     } else if (el.id === "open-create") {
       openCreate();
     } else if (el.hasAttribute("data-close")) {
@@ -152,6 +175,7 @@
     const d = document.getElementById("create-dialog");
     if (!d) return;
     d.querySelector("#create-error").hidden = true;
+    d.querySelector("#create-preview").hidden = true;
     d.showModal();
     d.querySelector('input[name="name"]').focus();
   }
@@ -160,17 +184,9 @@
     const form = e.target;
     if (form.id === "create-form") {
       e.preventDefault();
-      const f = new FormData(form);
-      const err = form.querySelector("#create-error");
-      const body = {
-        name: f.get("name").trim(),
-        image: f.get("image"),
-        cpus: parseInt(f.get("cpus"), 10),
-        memory_bytes: parseInt(f.get("memory"), 10) * 1024 * 1024,
-        count: parseInt(f.get("count"), 10),
-        ssh_keys: f.get("ssh_keys").split("\n").map((s) => s.trim()).filter(Boolean),
-      };
-      if (f.get("disk_gib")) body.disk_bytes = parseInt(f.get("disk_gib"), 10) * 1024 ** 3;
+      const body = createBody(form);
+      showCreateError(form, null);
+      form.querySelector("#create-preview").hidden = true;
       const submit = form.querySelector("#create-submit");
       submit.disabled = true;
       try {
@@ -180,8 +196,7 @@
         followJobs(acc.jobs, `Creating ${body.count > 1 ? body.count + " machines" : body.name}`);
         changed();
       } catch (x) {
-        err.textContent = x.message;
-        err.hidden = false;
+        showCreateError(form, x);
       } finally {
         submit.disabled = false;
       }
@@ -211,6 +226,73 @@
       upload(form);
     }
   });
+
+  /* The create dialog's request body, placement hints included. */
+  function createBody(form) {
+    const f = new FormData(form);
+    const body = {
+      name: f.get("name").trim(),
+      image: f.get("image"),
+      cpus: parseInt(f.get("cpus"), 10),
+      memory_bytes: parseInt(f.get("memory"), 10) * 1024 * 1024,
+      count: parseInt(f.get("count"), 10),
+      ssh_keys: f.get("ssh_keys").split("\n").map((s) => s.trim()).filter(Boolean),
+    };
+    if (f.get("disk_gib")) body.disk_bytes = parseInt(f.get("disk_gib"), 10) * 1024 ** 3;
+    if (f.get("host")) body.host = f.get("host");
+    const tags = (f.get("tags") || "").split(/[\s,]+/).map((s) => s.trim()).filter(Boolean);
+    if (tags.length) body.tags = tags;
+    if ((f.get("group") || "").trim()) body.group = f.get("group").trim();
+    if (f.get("policy")) body.policy = f.get("policy");
+    if (f.get("soft")) body.soft = true;
+    if (f.get("fast")) body.fast = true;
+    return body;
+  }
+
+  /* A refused create: the problem's sentence and, when no host could take a machine,
+   * the scheduler's per-host breakdown. */
+  function showCreateError(form, x) {
+    const box = form.querySelector("#create-error");
+    const pre = form.querySelector("#create-explain");
+    if (!x) { box.hidden = true; return; }
+    form.querySelector("#create-error-text").textContent = x.message;
+    const ex = x.problem && x.problem.explanation;
+    if (ex && ex.lines) {
+      pre.textContent = ex.lines.join("\n") + (ex.hint ? "\n\n" + ex.hint : "");
+      pre.hidden = false;
+    } else {
+      pre.hidden = true;
+    }
+    box.hidden = false;
+    box.scrollIntoView({ block: "nearest" });
+  }
+
+  /* Preview placement: a dry run of the create, one row per machine. */
+  async function previewCreate(form) {
+    if (!form.reportValidity()) return;
+    const box = form.querySelector("#create-preview");
+    const rows = form.querySelector("#create-preview-rows");
+    showCreateError(form, null);
+    box.hidden = true;
+    try {
+      const plan = await api("POST", "/machines", { ...createBody(form), dry_run: true });
+      rows.replaceChildren(...plan.placements.map((p) => {
+        const tr = document.createElement("tr");
+        for (const [text, cls] of [[p.machine, "strong"], [p.host, "preview-host"], [p.score.toFixed(2), "num"]]) {
+          const td = document.createElement("td");
+          td.className = cls;
+          td.textContent = text;
+          tr.appendChild(td);
+        }
+        tr.title = Object.entries(p.scores).map(([k, v]) => `${k} ${v.toFixed(2)}`).join(", ");
+        return tr;
+      }));
+      box.hidden = false;
+      box.scrollIntoView({ block: "nearest" });
+    } catch (x) {
+      showCreateError(form, x);
+    }
+  }
 
   function upload(form) {
     const file = form.querySelector("#upload-file").files[0];
