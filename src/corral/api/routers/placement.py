@@ -13,7 +13,8 @@ from corral.ops import placement, provision
 router = APIRouter(tags=["placement"], responses=documented(400, 401, 403, 404, 422))
 
 
-@router.post("/placement/explain", summary="Every host's verdict for one machine")
+@router.post("/placement/explain", summary="Every host's verdict for one machine",
+             responses=documented(409, 503))
 def explain(body: MachineCreate, caller: Caller, svc: ServicesDep) -> ExplanationOut:
     """The same body as ``POST /machines`` (one machine; count and dry_run are
     ignored): which hosts fit and with what scores, and why each other one is refused.
