@@ -54,6 +54,20 @@ class Settings(BaseSettings):
     max_upload_bytes: int = 64 << 30
     sweep_interval: float = 2.0
     """Seconds between sweeps of every machine's power state."""
+    cpu_overcommit: float = Field(default=4.0, gt=0)
+    """vCPUs a host may hold per thread, unless the host sets its own ratio."""
+    memory_overcommit: float = Field(default=1.0, gt=0)
+    disk_overcommit: float = Field(default=1.0, gt=0)
+    linked_clone_growth: float = Field(default=0.1, ge=0, le=1)
+    """Share of a linked clone's virtual size its claim reserves for the bytes it will own."""
+    placement: Literal["spread", "pack"] = "spread"
+    """Spread machines over the hosts (most free memory first), or pack them."""
+    weigher_multipliers: dict[str, float] = Field(default_factory=dict)
+    """Per weigher name (memory, cpu_score, image, group): how much it counts."""
+    health_interval: float = 15.0
+    """Seconds between health checks of every host by the server."""
+    host_timeout: float = 10.0
+    """Seconds a host may take to answer a health check before it is marked down."""
     failpoint: str | None = Field(default=None, repr=False)
     """``step:before`` or ``step:after``: SIGKILL this process there. For crash tests only."""
 

@@ -71,10 +71,12 @@ def _console_session(env: CorralEnv, name: str, typed: bytes) -> tuple[str, int]
         os.execv(CORRAL, [CORRAL, "vm", "console", name])
     screen = b""
 
-    def read_for(seconds: float) -> None:
+    def read_for(seconds: float, until: bytes | None = None) -> None:
         nonlocal screen
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
+            if until is not None and until in screen:
+                return
             if select.select([fd], [], [], 0.1)[0]:
                 try:
                     screen += os.read(fd, 4096)
@@ -82,7 +84,9 @@ def _console_session(env: CorralEnv, name: str, typed: bytes) -> tuple[str, int]
                     return
 
     try:
-        read_for(2)
+        # Type only once attached: on a loaded machine the CLI may take seconds to start.
+        read_for(20, until=b"Ctrl-] detaches.")
+        read_for(0.5)
         os.write(fd, b"\r" + typed)
         read_for(3)
         os.write(fd, b"\x1d")  # Ctrl-]

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from pydantic import ValidationError
 
-from corral.cli import accounts, hosts, images, jobs, login, server, vms
+from corral.cli import accounts, hosts, images, jobs, login, placement, server, vms
 from corral.cli.backend import OPTIONS, local_only
 from corral.cli.common import OutputOpt, context
 from corral.cli.render import Output, emit, err, error
@@ -25,6 +25,8 @@ app = typer.Typer(
 app.add_typer(hosts.app, name="host")
 app.add_typer(images.app, name="image")
 app.add_typer(vms.app, name="vm")
+app.add_typer(placement.app, name="placement")
+app.add_typer(placement.pool, name="pool")
 app.add_typer(jobs.app, name="job")
 app.add_typer(accounts.users, name="user")
 app.add_typer(accounts.projects, name="project")

@@ -20,7 +20,7 @@ from rich.live import Live
 from rich.table import Table
 
 from corral.cli.common import context
-from corral.cli.render import err, host_dict, image_dict, job_dict, machine_dict
+from corral.cli.render import err, host_dict, image_dict, job_dict, machine_dict, placement_dict
 from corral.errors import CorralError, InvalidInput, NotFound
 from corral.model import CloneMode, ImageFormat, JobState, MachineSpec
 from corral.ops import images as image_ops
@@ -56,6 +56,7 @@ class Backend(Protocol):
     def create_machines(
         self, spec: MachineSpec, count: int, *, wait: bool, timeout: float | None
     ) -> Batch: ...
+    def plan_placement(self, spec: MachineSpec, count: int) -> list[Row]: ...
     def start(self, name: str) -> None: ...
     def stop(self, name: str, timeout: float | None) -> bool: ...
     def reboot(self, name: str) -> None: ...
@@ -177,6 +178,9 @@ class LocalBackend:
                                      board.update)
         return Batch([self.machine(n) for n in names], dict(result.failed))
 
+    def plan_placement(self, spec: MachineSpec, count: int) -> list[Row]:
+        return [placement_dict(p) for p in provision.plan_placement(self.ctx, spec, count)]
+
     def start(self, name: str) -> None:
         lifecycle.start(self.ctx, name)
 
@@ -216,13 +220,14 @@ class LocalBackend:
         image_ops.delete_image(self.ctx, name)
 
     def hosts(self) -> list[Row]:
-        return [host_dict(h) for h in self.ctx.store.list_hosts()]
+        return [host_dict(h, self.ctx.store.host_claims(h.name))
+                for h in self.ctx.store.list_hosts()]
 
     def host(self, name: str) -> Row:
         host = self.ctx.store.find_host(name)
         if host is None:
             raise NotFound("host", name, hint="'corral host list' shows the enrolled hosts.")
-        return host_dict(host)
+        return host_dict(host, self.ctx.store.host_claims(name))
 
     def jobs(self, state: JobState | None, limit: int) -> list[Row]:
         return [job_dict(j) for j in self.ctx.store.list_jobs(state, limit=limit)]

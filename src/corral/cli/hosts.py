@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
 from corral.cli.backend import backend, local_only
 from corral.cli.common import OutputOpt, context
-from corral.cli.render import Output, details_table, emit, hosts_table
-from corral.ops.hosts import reprobe
+from corral.cli.render import Output, details_table, emit, host_dict, hosts_table, out
+from corral.errors import InvalidInput
+from corral.model import HostPlacement
+from corral.ops import hosts as host_ops
 
 app = typer.Typer(help="Hosts that run machines.", no_args_is_help=True)
+
+TagOpt = Annotated[list[str] | None, typer.Option("--tag", help="host tag (repeatable)")]
+RatioOpt = Annotated[float | None, typer.Option(min=0.01)]
 
 
 @app.command("list")
 def list_hosts(output: OutputOpt = Output.TABLE) -> None:
-    """List enrolled hosts (the local host is enrolled on first use)."""
+    """List enrolled hosts: state, capacity and what is claimed on each."""
     with backend() as b:
         rows = b.hosts()
     emit(rows, output, hosts_table(rows))
@@ -27,16 +32,98 @@ def show(
     name: Annotated[str, typer.Argument(help="host name")] = "local",
     output: OutputOpt = Output.TABLE,
 ) -> None:
-    """Show a host: CPUs, memory, storage pool and the accelerator that works."""
+    """Show a host: CPUs, memory, storage pool, state and the accelerator that works."""
     with backend() as b:
         d = b.host(name)
     emit(d, output, details_table(d))
 
 
 @app.command()
-def probe() -> None:
-    """Boot a test guest again to decide whether KVM really works here."""
+def add(
+    name: Annotated[str, typer.Argument(help="a name for the host")],
+    uri: Annotated[str, typer.Argument(help="libvirt URI, e.g. qemu+ssh://root@node2/system")],
+    pool_path: Annotated[str, typer.Option(help="directory for disks on that host")] = (
+        host_ops.DEFAULT_REMOTE_POOL
+    ),
+    network: Annotated[str | None, typer.Option(help="isolated network for NICs")] = None,
+    tag: TagOpt = None,
+    cpu_ratio: RatioOpt = None,
+    memory_ratio: RatioOpt = None,
+    disk_ratio: RatioOpt = None,
+    accelerator: Annotated[str | None, typer.Option(help="auto, kvm or tcg")] = None,
+    output: OutputOpt = Output.TABLE,
+) -> None:
+    """Enrol a host by its libvirt URI; probe its CPU, memory, pool and accelerator."""
+    local_only("host add")
+    if accelerator not in (None, "auto", "kvm", "tcg"):
+        raise InvalidInput(f"'{accelerator}' is not an accelerator choice: use auto, kvm or tcg.")
+    choice: Literal["auto", "kvm", "tcg"] | None = accelerator  # type: ignore[assignment]
+    placement = HostPlacement(frozenset(tag or ()), cpu_ratio, memory_ratio, disk_ratio)
+    with context() as ctx:
+        host = host_ops.add_host(ctx, name, uri, pool_path=pool_path, network=network,
+                                 placement=placement, accelerator=choice)
+        d = host_dict(host, ctx.store.host_claims(host.name))
+    emit(d, output, details_table(d))
+
+
+@app.command("set")
+def set_placement(
+    name: Annotated[str, typer.Argument(help="host name")],
+    tag: TagOpt = None,
+    cpu_ratio: RatioOpt = None,
+    memory_ratio: RatioOpt = None,
+    disk_ratio: RatioOpt = None,
+) -> None:
+    """Replace a host's tags and overcommit ratios (unset ratios follow the global ones)."""
+    local_only("host set")
+    with context() as ctx:
+        ctx.store.set_host_placement(
+            name, HostPlacement(frozenset(tag or ()), cpu_ratio, memory_ratio, disk_ratio))
+    out.print(f"Host [bold]{name}[/] updated.")
+
+
+@app.command()
+def maintenance(
+    name: Annotated[str, typer.Argument(help="host name")],
+    on: Annotated[str, typer.Argument(help="on or off", metavar="on|off")],
+) -> None:
+    """Put a host in maintenance (it receives no new machines) or take it out."""
+    local_only("host maintenance")
+    if on not in ("on", "off"):
+        raise InvalidInput(f"'{on}' is neither on nor off.")
+    with context() as ctx:
+        host = host_ops.set_maintenance(ctx, name, on == "on")
+    out.print(f"Host [bold]{name}[/] is {host.state.value}.")
+
+
+@app.command()
+def remove(name: Annotated[str, typer.Argument(help="host name")]) -> None:
+    """Forget a host; refused while it holds machines. Nothing on the host is deleted."""
+    local_only("host remove")
+    with context() as ctx:
+        host_ops.remove_host(ctx, name)
+    out.print(f"Removed host [bold]{name}[/].")
+
+
+@app.command()
+def check() -> None:
+    """Ask every host whether it answers; mark those that do not as down."""
+    local_only("host check")
+    with context() as ctx:
+        changes = host_ops.check_health(ctx)
+        hosts = ctx.store.list_hosts()
+    for c in changes:
+        out.print(f"{c.host}: {c.before.value} → {c.after.value} ({c.note})")
+    for h in hosts:
+        out.print(f"{h.name}: {h.state.value}" + (f" ({h.state_note})" if h.state_note else ""))
+
+
+@app.command()
+def probe(name: Annotated[str, typer.Argument(help="host name")] = "local") -> None:
+    """Probe a host again: accelerator (a guest must boot with it) and CPU score."""
     local_only("host probe")
     with context() as ctx:
-        host = reprobe(ctx)
-        typer.echo(f"{host.name}: {host.accelerator.value} — {host.accelerator_note}")
+        host = host_ops.probe(ctx, name)
+    score = f"{host.cpu_score:g}" if host.cpu_score is not None else "not measured"
+    typer.echo(f"{host.name}: {host.accelerator.value} — {host.accelerator_note} "
+               f"CPU score: {score}")

@@ -306,20 +306,15 @@ class RemoteBackend:
     def machine(self, name: str) -> Row:
         return machine_row(self.api.get(f"/machines/{name}"))
 
+    def plan_placement(self, spec: MachineSpec, count: int) -> list[Row]:
+        body = {**_create_body(spec, count), "dry_run": True}
+        placements: list[Row] = self.api.post("/machines", body)["placements"]
+        return placements
+
     def create_machines(
         self, spec: MachineSpec, count: int, *, wait: bool, timeout: float | None
     ) -> Batch:
-        body = {
-            "name": spec.name,
-            "image": spec.image,
-            "count": count,
-            "cpus": spec.cpus,
-            "memory_bytes": spec.memory_bytes,
-            "disk_bytes": spec.disk_bytes,
-            "clone": spec.clone.value,
-            "ssh_keys": list(spec.ssh_keys),
-            "start": spec.start,
-        }
+        body = _create_body(spec, count)
         jobs: list[Row] = self.api.post("/machines", body)["jobs"]
         names = [j["target"] for j in jobs]
         failed: dict[str, CorralError] = {}
@@ -477,3 +472,26 @@ def connect(server: str | None) -> Client:
                            hint="Pass --server URL or run 'corral login'.")
     token = saved.token if saved is not None and saved.server == url else None
     return Client(url, token)
+
+
+def _create_body(spec: MachineSpec, count: int) -> dict[str, Any]:
+    """POST /machines, as the API takes it."""
+    h = spec.placement
+    body: dict[str, Any] = {
+        "name": spec.name,
+        "image": spec.image,
+        "count": count,
+        "cpus": spec.cpus,
+        "memory_bytes": spec.memory_bytes,
+        "disk_bytes": spec.disk_bytes,
+        "clone": spec.clone.value,
+        "ssh_keys": list(spec.ssh_keys),
+        "start": spec.start,
+        "host": h.host,
+        "tags": sorted(h.tags),
+        "group": h.group,
+        "policy": h.policy.value if h.policy else None,
+        "soft": not h.hard,
+        "fast": h.fast,
+    }
+    return body

@@ -11,7 +11,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from corral.model import Host, Image, Job
+from corral.model import Host, Image, Job, Usage
 from corral.model.units import format_size
 from corral.ops.lifecycle import MachineStatus
 
@@ -37,7 +37,12 @@ def emit(rows: Sequence[dict[str, Any]] | dict[str, Any], output: Output, table:
         out.print(table)
 
 
-def host_dict(h: Host) -> dict[str, Any]:
+def placement_dict(p: Any) -> dict[str, Any]:
+    """A scheduler Placement (typed loosely: the CLI does not import numpy to start)."""
+    return {"machine": p.machine, "host": p.host, "score": p.score, "scores": dict(p.scores)}
+
+
+def host_dict(h: Host, claimed: Usage | None = None) -> dict[str, Any]:
     return {
         "name": h.name,
         "uri": h.uri,
@@ -51,6 +56,17 @@ def host_dict(h: Host) -> dict[str, Any]:
         "accelerator_note": h.accelerator_note,
         "pool": h.pool_name,
         "pool_path": h.pool_path,
+        "pool_bytes": h.disk_bytes,
+        "state": h.state.value,
+        "state_note": h.state_note,
+        "tags": sorted(h.placement.tags),
+        "cpu_score": h.cpu_score,
+        "claimed": None if claimed is None else {
+            "machines": claimed.machines,
+            "cpus": claimed.cpus,
+            "memory_bytes": claimed.memory_bytes,
+            "disk_bytes": claimed.disk_bytes,
+        },
     }
 
 
@@ -119,10 +135,22 @@ _STATE_STYLE = {"running": "green", "shut-off": "dim", "paused": "yellow", "miss
 
 
 def hosts_table(hosts: Sequence[dict[str, Any]]) -> Table:
-    t = Table("NAME", "URI", "CPUS", "MEMORY", "ACCEL", "POOL", box=None)
+    t = Table("NAME", "STATE", "URI", "MACHINES", "VCPUS", "MEMORY", "ACCEL", "SCORE", "TAGS",
+              box=None)
     for h in hosts:
-        t.add_row(h["name"], h["uri"], str(h["cpus"]), format_size(h["memory_bytes"]),
-                  h["accelerator"], h["pool_path"])
+        claimed = h.get("claimed") or {}
+        memory = format_size(h["memory_bytes"])
+        t.add_row(
+            h["name"],
+            h.get("state", "up"),
+            h["uri"],
+            str(claimed.get("machines", "")),
+            f"{claimed.get('cpus', 0)}/{h['cpus']}",
+            f"{format_size(claimed.get('memory_bytes', 0))}/{memory}",
+            h["accelerator"],
+            "" if h.get("cpu_score") is None else f"{h['cpu_score']:g}",
+            ",".join(h.get("tags") or ()),
+        )
     return t
 
 

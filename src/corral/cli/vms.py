@@ -10,6 +10,17 @@ import typer
 
 from corral.cli.backend import backend, local_only
 from corral.cli.common import OutputOpt, context
+from corral.cli.placement import (
+    AffinityOpt,
+    AntiAffinityOpt,
+    FastOpt,
+    GroupOpt,
+    HostOpt,
+    SoftOpt,
+    TagOpt,
+    placement_hints,
+    placements_table,
+)
 from corral.cli.render import (
     Output,
     details_table,
@@ -45,9 +56,22 @@ def create(
     no_start: Annotated[bool, typer.Option("--no-start", help="define only")] = False,
     wait: Annotated[bool, typer.Option(help="wait until every guest says it is ready")] = False,
     timeout: Annotated[float | None, typer.Option(help="seconds to wait with --wait")] = None,
+    host: HostOpt = None,
+    tag: TagOpt = None,
+    group: GroupOpt = None,
+    affinity: AffinityOpt = None,
+    anti_affinity: AntiAffinityOpt = None,
+    soft: SoftOpt = False,
+    fast: FastOpt = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="show where each machine would go; create nothing")
+    ] = False,
     output: OutputOpt = Output.TABLE,
 ) -> None:
-    """Create machines from an image, each with its own UUID, MAC, hostname and seed."""
+    """Create machines from an image, each with its own UUID, MAC, hostname and seed.
+
+    Without --host, each machine goes to the most fitting host of the pool.
+    """
     keys = tuple(_read_key(p) for p in ssh_key or [])
     spec = MachineSpec(
         name=name,
@@ -58,9 +82,15 @@ def create(
         clone=clone,
         ssh_keys=keys,
         start=not no_start,
+        placement=placement_hints(host, tag, group, affinity, anti_affinity, soft, fast),
     )
     if wait and no_start:
         raise InvalidInput("--wait and --no-start contradict each other; choose one.")
+    if dry_run:
+        with backend() as b:
+            rows = b.plan_placement(spec, count)
+        emit(rows, output, placements_table(rows))
+        return
     with backend() as b:
         result = b.create_machines(spec, count, wait=wait, timeout=timeout)
         emit(result.created, output, machines_table(result.created))

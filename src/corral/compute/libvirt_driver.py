@@ -332,7 +332,8 @@ class LibvirtDriver(ComputeDriver):
         conn = self._connection()
         with self._translated(f"read storage pool '{name}'", name):
             pool = conn.storagePoolLookupByName(name)
-            pool.refresh(0)
+            # No refresh: libvirt refuses one while an upload runs, and a started pool's
+            # capacity is known without it.
             _state, capacity, _allocation, available = pool.info()
         return int(capacity), int(available)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 from corral.model.account import DEFAULT_PROJECT
 from corral.model.image import KernelBoot
@@ -24,6 +25,24 @@ class PlacementHints:
     """Hard: a rule no placement breaks; soft: only a preference of the weighers."""
     fast: bool = False
     """Prefer the host with the fastest single thread."""
+
+    def to_json(self) -> dict[str, Any]:
+        """As stored beside the machine (the group has a column of its own)."""
+        return {"host": self.host, "tags": sorted(self.tags),
+                "policy": self.policy.value if self.policy else None,
+                "hard": self.hard, "fast": self.fast}
+
+    @classmethod
+    def from_json(cls, stored: dict[str, Any], group: str | None) -> PlacementHints:
+        policy = stored.get("policy")
+        return cls(
+            host=stored.get("host"),
+            tags=frozenset(stored.get("tags", ())),
+            group=group,
+            policy=GroupPolicy(policy) if policy else None,
+            hard=stored.get("hard", True),
+            fast=stored.get("fast", False),
+        )
 
 
 @dataclass(frozen=True, slots=True)

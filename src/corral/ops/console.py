@@ -19,16 +19,20 @@ class ReadyReport:
     mac: str
 
 
-def find_line(log: Path, marker: str) -> str | None:
+def find_line(log: Path | bytes, marker: str) -> str | None:
     """The first complete console line starting with ``marker``, or None.
 
-    The serial port trickles out a few bytes at a time, so a last line without its
-    newline may still be half-written: it does not count yet.
+    ``log`` is the console log file, or what was read of it (from a remote host). The
+    serial port trickles out a few bytes at a time, so a last line without its newline
+    may still be half-written: it does not count yet.
     """
-    try:
-        data = log.read_bytes()
-    except FileNotFoundError:
-        return None
+    if isinstance(log, Path):
+        try:
+            data = log.read_bytes()
+        except FileNotFoundError:
+            return None
+    else:
+        data = log
     complete = data[: data.rfind(b"\n") + 1]
     for raw in complete.splitlines():
         line = raw.decode("utf-8", "replace").strip("\r\n \x00")
@@ -37,7 +41,7 @@ def find_line(log: Path, marker: str) -> str | None:
     return None
 
 
-def read_ready(log: Path) -> ReadyReport | None:
+def read_ready(log: Path | bytes) -> ReadyReport | None:
     line = find_line(log, READY_MARKER)
     if line is None:
         return None

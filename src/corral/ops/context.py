@@ -7,19 +7,64 @@ next ``corral`` command finishes or rolls back what was interrupted.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 from types import TracebackType
 
 from corral.compute.base import ComputeDriver, load_compute_driver
 from corral.config import Settings
 from corral.errors import HypervisorUnavailable
-from corral.model import Job
+from corral.model import Host, Job, Overcommit
+from corral.storage.base import StorageBackend
 from corral.storage.qcow2_dir import Qcow2DirBackend
 from corral.storage.qemu_img import QemuImgLimits
 from corral.store import Store
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class HostHandle:
+    """One enrolled host as operations reach it: its record, hypervisor and storage.
+
+    A remote host is reached only through libvirt (its storage too), never through
+    this machine's filesystem.
+    """
+
+    host: Host
+    driver: ComputeDriver
+    storage: StorageBackend
+    local: bool
+    console_dir: Path
+
+    def console_log(self, machine: str) -> Path:
+        """Where the machine's serial console is written, on its host."""
+        suffix = ".log" if self.local else ".console.log"
+        return self.console_dir / f"{machine}{suffix}"
+
+    def read_console(self, machine: str, max_bytes: int = 1 << 20) -> bytes:
+        """The end of the machine's console log (empty before the guest wrote any)."""
+        path = self.console_log(machine)
+        if self.local:
+            try:
+                with path.open("rb") as f:
+                    size = f.seek(0, 2)
+                    f.seek(max(0, size - max_bytes))
+                    return f.read()
+            except FileNotFoundError:
+                return b""
+        if not self.storage.exists(path):
+            return b""
+        return self.storage.read_tail(path, max_bytes)
+
+    def remove_console(self, machine: str) -> None:
+        if self.local:
+            self.console_log(machine).unlink(missing_ok=True)
+        else:
+            self.storage.delete(self.console_log(machine))
 
 
 class Context:
@@ -33,6 +78,8 @@ class Context:
         self.recovered: list[Job] = []
         self.on_progress: Callable[[float], None] | None = None
         """Where long steps (copies, conversions) report percent done, if anyone listens."""
+        self._handles: dict[str, HostHandle] = {}
+        self._handles_lock = threading.Lock()
         if recover:
             self.recover()
 
@@ -68,7 +115,44 @@ class Context:
     def storage(self) -> Qcow2DirBackend:
         return Qcow2DirBackend(self.settings.pool_dir, self.limits)
 
+    @property
+    def overcommit(self) -> Overcommit:
+        s = self.settings
+        return Overcommit(s.cpu_overcommit, s.memory_overcommit, s.disk_overcommit)
+
+    def on(self, host: str | Host) -> HostHandle:
+        """The handle of an enrolled host, connected on first use and kept open."""
+        name = host if isinstance(host, str) else host.name
+        with self._handles_lock:
+            handle = self._handles.get(name)
+            if handle is None:
+                record = host if isinstance(host, Host) else self.store.get_host(name)
+                handle = self._connect(record)
+                self._handles[name] = handle
+            return handle
+
+    def forget_handle(self, host: str) -> None:
+        """Drop a host's connection (it was removed, or its URI changed)."""
+        with self._handles_lock:
+            handle = self._handles.pop(host, None)
+        if handle is not None and not handle.local:
+            handle.driver.close()
+
+    def _connect(self, host: Host) -> HostHandle:
+        if host.name == self.settings.host_name:
+            return HostHandle(host, self.driver, self.storage, True, self.settings.console_dir)
+        from corral.compute.libvirt_driver import LibvirtDriver
+        from corral.storage.libvirt_pool import LibvirtPoolBackend
+
+        driver = LibvirtDriver(host.uri)
+        storage = LibvirtPoolBackend(driver.connection, host.pool_name, host.pool_path)
+        # Console logs sit in the host's pool: libvirt reads them back as volumes.
+        return HostHandle(host, driver, storage, False, Path(host.pool_path))
+
     def close(self) -> None:
+        for handle in self._handles.values():
+            if not handle.local:
+                handle.driver.close()
         if "driver" in self.__dict__:
             self.driver.close()
         if "owner" in self.__dict__:

@@ -115,9 +115,7 @@ def prepare_job(
 
     The API answers 202 with this job, then a worker of the same process executes it.
     """
-    unknown = [s.name for s in steps if s.name not in _STEPS]
-    if unknown:
-        raise ValueError(f"unregistered steps: {unknown}")
+    check_steps(steps)
     return ctx.store.create_job(
         kind.name,
         target,
@@ -125,6 +123,13 @@ def prepare_job(
         [Step(s.name, StepState.PENDING, s.args) for s in steps],
         project=project,
     )
+
+
+def check_steps(steps: Sequence[PlannedStep]) -> None:
+    """A job may only be written with steps some code can run and undo."""
+    unknown = [s.name for s in steps if s.name not in _STEPS]
+    if unknown:
+        raise ValueError(f"unregistered steps: {unknown}")
 
 
 def execute_job(ctx: Context, job: Job) -> Job:
@@ -229,6 +234,12 @@ class OwnerLock:
     def release(self) -> None:
         self._path.unlink(missing_ok=True)
         os.close(self._fd)
+
+
+def owner_alive(ctx: Context, owner: str) -> bool:
+    """Whether the process that wrote ``owner`` (an OwnerLock's name) still runs."""
+    with _try_lock(ctx.settings.lock_dir / owner) as free:
+        return not free
 
 
 @contextmanager

@@ -11,9 +11,9 @@ from corral.identity import allocate_macs, check_name, new_identity
 from corral.model import CloneMode, DiskUsage, Job, Machine, PowerState, Usage
 from corral.ops import accounts
 from corral.ops import steps as _steps  # noqa: F401  (registers the step kinds)
-from corral.ops.context import Context
+from corral.ops.context import Context, HostHandle
 from corral.ops.jobs import PlannedStep, Recovery, execute_job, job_kind, prepare_job
-from corral.ops.machines import console_log, machine_args, new_machine
+from corral.ops.machines import disk_claim, machine_args, new_machine
 
 DELETE = job_kind("delete", Recovery.ROLL_FORWARD)
 CLONE = job_kind("clone", Recovery.ROLL_BACK)
@@ -31,53 +31,61 @@ class MachineStatus:
 
 def status(ctx: Context, machine: Machine) -> MachineStatus:
     try:
-        power: PowerState | None = ctx.driver.state(machine.name)
+        handle = ctx.on(machine.host)
+        power: PowerState | None = handle.driver.state(machine.name)
     except NotFound:
         power = None
     try:
-        usage: DiskUsage | None = ctx.storage.usage(Path(machine.disk_path))
+        usage: DiskUsage | None = handle.storage.usage(Path(machine.disk_path))
     except CorralError:
         usage = None
     return MachineStatus(machine, power, usage)
 
 
-def start(ctx: Context, name: str) -> None:
+def host_of(ctx: Context, name: str) -> tuple[Machine, HostHandle]:
+    """A machine's record and the host it runs on."""
     machine = ctx.store.get_machine(name)
-    if ctx.driver.state(name) not in _OFF:
+    return machine, ctx.on(machine.host)
+
+
+def start(ctx: Context, name: str) -> None:
+    machine, handle = host_of(ctx, name)
+    if handle.driver.state(name) not in _OFF:
         raise Conflict(f"Machine '{name}' is already running.")
-    console_log(ctx, machine.name).unlink(missing_ok=True)
-    ctx.driver.start(name)
+    handle.remove_console(machine.name)
+    handle.driver.start(name)
     _event(ctx, machine, "started")
 
 
 def stop(ctx: Context, name: str, timeout: float) -> bool:
     """Graceful ACPI shutdown; after ``timeout`` seconds, power off. True if graceful."""
-    machine = ctx.store.get_machine(name)
-    if ctx.driver.state(name) in _OFF:
+    machine, handle = host_of(ctx, name)
+    driver = handle.driver
+    if driver.state(name) in _OFF:
         return True
-    ctx.driver.shutdown(name)
+    driver.shutdown(name)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if ctx.driver.state(name) in _OFF:
+        if driver.state(name) in _OFF:
             _event(ctx, machine, "stopped")
             return True
         time.sleep(0.2)
-    ctx.driver.destroy(name)
+    driver.destroy(name)
     _event(ctx, machine, "powered off", f"did not shut down within {timeout:g} s")
     return False
 
 
 def reboot(ctx: Context, name: str) -> None:
-    machine = ctx.store.get_machine(name)
-    if ctx.driver.state(name) in _OFF:
+    machine, handle = host_of(ctx, name)
+    if handle.driver.state(name) in _OFF:
         raise Conflict(f"Machine '{name}' is not running; start it instead.")
-    ctx.driver.reboot(name)
+    handle.driver.reboot(name)
     _event(ctx, machine, "rebooted")
 
 
 def kill(ctx: Context, name: str) -> None:
-    machine = ctx.store.get_machine(name)
-    ctx.driver.destroy(name)
+    machine, handle = host_of(ctx, name)
+    handle.driver.destroy(name)
     _event(ctx, machine, "powered off")
 
 
@@ -94,9 +102,9 @@ def delete(ctx: Context, name: str, *, force: bool = False) -> None:
 
 def prepare_delete(ctx: Context, name: str, *, force: bool = False) -> Job:
     """Check that ``name`` may be deleted and write its delete job down (not run yet)."""
-    machine = ctx.store.get_machine(name)
+    machine, handle = host_of(ctx, name)
     try:
-        power: PowerState | None = ctx.driver.state(name)
+        power: PowerState | None = handle.driver.state(name)
     except NotFound:
         power = None  # the domain vanished already; remove what is left
     if power is not None and power not in _OFF and not force:
@@ -104,16 +112,17 @@ def prepare_delete(ctx: Context, name: str, *, force: bool = False) -> Job:
             f"Machine '{name}' is {power}.", hint="Stop it first, or delete with --force."
         )
     uuid = machine.identity.uuid
+    on = {"host": machine.host}
     plan = [
         PlannedStep("machine.mark-deleting", {"name": name}),
-        PlannedStep("domain.destroy", {"name": name}),
-        PlannedStep("domain.undefine", {"uuid": uuid}),
-        PlannedStep("disk.delete", {"path": machine.disk_path}),
+        PlannedStep("domain.destroy", {**on, "name": name}),
+        PlannedStep("domain.undefine", {**on, "uuid": uuid}),
+        PlannedStep("disk.delete", {**on, "path": machine.disk_path}),
     ]
     if machine.seed_path:
-        plan.append(PlannedStep("file.delete", {"path": machine.seed_path}))
+        plan.append(PlannedStep("file.delete", {**on, "path": machine.seed_path}))
     plan += [
-        PlannedStep("file.delete", {"path": str(console_log(ctx, name))}),
+        PlannedStep("file.delete", {**on, "path": str(handle.console_log(name))}),
         PlannedStep("machine.forget", {"name": name, "identity": {"uuid": uuid}}),
     ]
     return prepare_job(ctx, DELETE, name, plan, project=machine.project)
@@ -133,31 +142,34 @@ def prepare_clone(
 ) -> Job:
     """Check the clone request and write its job down (not run yet)."""
     check_name(new)
-    src = ctx.store.get_machine(source)
-    if ctx.driver.state(source) not in _OFF:
+    src, handle = host_of(ctx, source)
+    if handle.driver.state(source) not in _OFF:
         raise Conflict(f"Machine '{source}' is running.", hint="Stop it before cloning.")
-    if ctx.store.taken(names=[new]) or new in ctx.driver.domain_names():
+    if ctx.store.taken(names=[new]) or new in handle.driver.domain_names():
         raise Conflict(f"A machine named '{new}' already exists.")
     if not src.managed or src.image is None:
         raise Conflict(f"Machine '{source}' was adopted; Corral cannot clone it yet.")
-    size = ctx.storage.usage(Path(src.disk_path)).virtual_size
+    size = handle.storage.usage(Path(src.disk_path)).virtual_size
     accounts.require_room(ctx.store, src.project, Usage.of(1, src.cpus, src.memory_bytes, size))
     (mac,) = allocate_macs(1, lambda c: ctx.store.taken(macs=c))
+    clone_mode = mode if src.clone is CloneMode.LINKED else CloneMode.FULL
     machine = new_machine(
-        ctx,
+        handle,
         new_identity(new, mac),
-        host=src.host,
         image=src.image,
         cpus=src.cpus,
         memory_bytes=src.memory_bytes,
         # A linked copy of a full clone stands alone all the same: it has no base.
-        clone=mode if src.clone is CloneMode.LINKED else CloneMode.FULL,
+        clone=clone_mode,
         ssh_keys=src.ssh_keys,
         project=src.project,
         disk_bytes=size,
+        disk_claim=disk_claim(ctx, clone_mode, size),
+        placement=src.placement,
     )
     identity = machine.identity
     args = machine_args(machine)
+    on = {"host": src.host}
     return prepare_job(
         ctx,
         CLONE,
@@ -166,15 +178,15 @@ def prepare_clone(
             PlannedStep("machine.record", args),
             PlannedStep(
                 "disk.copy",
-                {"source": src.disk_path, "path": machine.disk_path, "size": size,
+                {**on, "source": src.disk_path, "path": machine.disk_path, "size": size,
                  "mode": mode.value},
             ),
             PlannedStep(
                 "seed.write",
-                {"path": machine.seed_path, "identity": args["identity"],
+                {**on, "path": machine.seed_path, "identity": args["identity"],
                  "ssh_keys": args["ssh_keys"]},
             ),
-            PlannedStep("domain.define", {"name": new, "uuid": identity.uuid}),
+            PlannedStep("domain.define", {**on, "name": new, "uuid": identity.uuid}),
             PlannedStep("machine.ready", {"name": new}),
         ],
         project=src.project,

@@ -10,12 +10,12 @@ from corral.model import (
     DEFAULT_PROJECT,
     CloneMode,
     DomainPlan,
-    Host,
     Identity,
     Machine,
+    PlacementHints,
     RecordState,
 )
-from corral.ops.context import Context
+from corral.ops.context import Context, HostHandle
 from corral.store.repository import utcnow
 
 
@@ -34,6 +34,9 @@ def machine_args(m: Machine) -> dict[str, Any]:
         "ssh_keys": list(m.ssh_keys),
         "project": m.project,
         "disk_bytes": m.disk_bytes,
+        "disk_claim": m.disk_claim,
+        "placement": m.placement.to_json(),
+        "group": m.placement.group,
     }
 
 
@@ -55,36 +58,49 @@ def machine_from_args(a: dict[str, Any]) -> Machine:
         # Jobs written before projects existed carry neither key.
         project=a.get("project", DEFAULT_PROJECT),
         disk_bytes=a.get("disk_bytes"),
+        disk_claim=a.get("disk_claim", 0),
+        placement=PlacementHints.from_json(a.get("placement", {}), a.get("group")),
     )
 
 
-def domain_plan(ctx: Context, machine: Machine, host: Host) -> DomainPlan:
+def domain_plan(ctx: Context, machine: Machine, handle: HostHandle) -> DomainPlan:
+    from corral.ops.distribute import image_on
+
     image = ctx.store.find_image(machine.image) if machine.image else None
-    backing = image.path if image is not None and machine.clone is CloneMode.LINKED else None
+    where = image_on(ctx, handle, image) if image is not None else None
+    linked = where is not None and machine.clone is CloneMode.LINKED
     return DomainPlan(
         name=machine.name,
         identity=machine.identity,
-        accelerator=host.accelerator,
+        accelerator=handle.host.accelerator,
         cpus=machine.cpus,
         memory_bytes=machine.memory_bytes,
         disk_path=machine.disk_path,
-        disk_backing=backing,
+        disk_backing=where.base if linked and where is not None else None,
         seed_path=machine.seed_path,
-        console_log=str(console_log(ctx, machine.name)),
-        network=ctx.settings.network_name,
-        kernel_boot=image.kernel_boot if image is not None else None,
+        console_log=str(handle.console_log(machine.name)),
+        network=handle.host.network,
+        kernel_boot=where.kernel_boot if where is not None else None,
     )
 
 
+def disk_claim(ctx: Context, clone: CloneMode, disk_bytes: int) -> int:
+    """Pool bytes a new disk reserves on its host: a full copy's size; for a linked
+    clone, which owns nothing yet, the room it is allowed to grow into."""
+    if clone is CloneMode.FULL:
+        return disk_bytes
+    return int(disk_bytes * ctx.settings.linked_clone_growth)
+
+
 def console_log(ctx: Context, name: str) -> Path:
+    """The local host's console log of ``name`` (see HostHandle.console_log)."""
     return ctx.settings.console_dir / f"{name}.log"
 
 
 def new_machine(
-    ctx: Context,
+    handle: HostHandle,
     identity: Identity,
     *,
-    host: str,
     image: str,
     cpus: int,
     memory_bytes: int,
@@ -92,6 +108,8 @@ def new_machine(
     ssh_keys: tuple[str, ...],
     project: str,
     disk_bytes: int,
+    disk_claim: int,
+    placement: PlacementHints | None = None,
 ) -> Machine:
     """The record of a machine about to be provisioned, with its files' paths decided.
 
@@ -101,17 +119,19 @@ def new_machine(
     return Machine(
         name=identity.hostname,
         identity=identity,
-        host=host,
+        host=handle.host.name,
         image=image,
         cpus=cpus,
         memory_bytes=memory_bytes,
         clone=clone,
-        disk_path=str(ctx.storage.volume_path(stem)),
-        seed_path=str(ctx.settings.pool_dir / f"{stem}-seed.iso"),
+        disk_path=str(handle.storage.volume_path(stem)),
+        seed_path=str(Path(handle.host.pool_path) / f"{stem}-seed.iso"),
         record_state=RecordState.PROVISIONING,
         managed=True,
         created_at=utcnow(),
         ssh_keys=ssh_keys,
         project=project,
         disk_bytes=disk_bytes,
+        disk_claim=disk_claim,
+        placement=placement or PlacementHints(),
     )

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from corral.errors import (
     Conflict,
@@ -18,20 +18,37 @@ from corral.errors import (
     NotFound,
 )
 from corral.identity import allocate_macs, batch_names, new_identity
-from corral.model import CloneMode, Job, Machine, MachineSpec, PowerState, Usage
+from corral.model import (
+    CloneMode,
+    Image,
+    Job,
+    Machine,
+    MachineSpec,
+    PlacementHints,
+    PowerState,
+    Step,
+    StepState,
+    Usage,
+)
 from corral.model.units import format_size
 from corral.ops import accounts, lifecycle
 from corral.ops import steps as _steps  # noqa: F401  (registers the step kinds)
 from corral.ops.console import ReadyReport, read_ready
-from corral.ops.context import Context
+from corral.ops.context import Context, HostHandle
+from corral.ops.distribute import image_on
 from corral.ops.hosts import local_host
-from corral.ops.jobs import PlannedStep, Recovery, execute_job, job_kind, prepare_job
-from corral.ops.machines import console_log, machine_args, new_machine
+from corral.ops.jobs import PlannedStep, Recovery, check_steps, execute_job, job_kind
+from corral.ops.machines import disk_claim, machine_args, new_machine
 from corral.storage.base import FULL_CLONE, LINKED_CLONE
+from corral.store.repository import ClaimedJob, ClaimRefused
+
+if TYPE_CHECKING:
+    from corral.scheduler import Explanation, Placement, Request
 
 log = logging.getLogger(__name__)
 PROVISION = job_kind("provision", Recovery.ROLL_BACK)
 MIN_MEMORY = 64 << 20
+CLAIM_ATTEMPTS = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,22 +67,74 @@ def create_machines(ctx: Context, spec: MachineSpec, count: int = 1) -> BatchRes
 
 
 def plan_machines(ctx: Context, spec: MachineSpec, count: int = 1) -> list[Job]:
-    """Check the batch against names, host and quota, and write one pending job per machine.
+    """Check the batch, place it, claim it and write one pending job per machine.
 
     Everything that can be refused is refused here, before a job exists; the API calls
-    this in the request and answers 202 with the jobs.
+    this in the request and answers 202 with the jobs. The batch is placed as a whole
+    (anti-affinity and capacity hold across it) and claimed in one transaction; if
+    another request filled a host in between, the batch is placed again.
     """
+    from corral.ops import placement  # numpy: loaded only to place
+
+    batch = _batch(ctx, spec, count)
+    sched = placement.scheduler(ctx)
+    for _attempt in range(CLAIM_ATTEMPTS):
+        inv = placement.inventory(ctx, only=batch.hints.host)
+        chosen = sched.place_batch(inv, batch.requests, claim=False)
+        claimed = [
+            _claimed_job(ctx, batch, name, mac, ctx.on(p.host))
+            for name, mac, p in zip(batch.names, batch.macs, chosen, strict=True)
+        ]
+        try:
+            return ctx.store.create_claimed_jobs(claimed, ctx.owner, ctx.overcommit)
+        except ClaimRefused:
+            log.info("a host filled up while %s was placed; placing it again", spec.name)
+    raise InsufficientResources(
+        f"The hosts kept filling up while '{spec.name}' was being placed.",
+        hint="Try again; other requests are taking the room.",
+    )
+
+
+def plan_placement(ctx: Context, spec: MachineSpec, count: int = 1) -> list[Placement]:
+    """Where the batch would go, and with which scores: ``vm create --dry-run``."""
+    from corral.ops import placement
+
+    batch = _batch(ctx, spec, count, dry_run=True)
+    inv = placement.inventory(ctx, only=batch.hints.host)
+    return placement.scheduler(ctx).place_batch(inv, batch.requests, claim=False)
+
+
+def explain_placement(ctx: Context, spec: MachineSpec) -> Explanation:
+    """Every host's verdict for one machine of ``spec``: ``corral placement explain``."""
+    from corral.ops import placement
+
+    batch = _batch(ctx, spec, 1, dry_run=True)
+    inv = placement.inventory(ctx, only=batch.hints.host)
+    return placement.scheduler(ctx).explain(inv, batch.requests[0])
+
+
+@dataclass(frozen=True, slots=True)
+class _Batch:
+    spec: MachineSpec
+    image: Image
+    hints: PlacementHints
+    names: list[str]
+    macs: list[str]
+    disk_bytes: int
+    disk_claim: int
+    requests: list[Request]
+
+
+def _batch(ctx: Context, spec: MachineSpec, count: int, *, dry_run: bool = False) -> _Batch:
+    from corral.ops import placement
     names = batch_names(spec.name, count)
-    host, _ = local_host(ctx)
+    local_host(ctx)
     image = ctx.store.get_image(spec.image)
     if image.project not in (None, spec.project):
         raise NotFound("image", spec.image)
     disk_bytes = spec.disk_bytes or image.virtual_size
-    wanted = LINKED_CLONE if spec.clone is CloneMode.LINKED else FULL_CLONE
-    if wanted not in ctx.storage.capabilities:
-        raise InvalidInput(f"This host's storage cannot make a {spec.clone} clone.")
-    _check_resources(ctx, spec, disk_bytes, image.virtual_size, host.facts.memory_bytes,
-                     host.facts.cpus)
+    _check_sizes(spec, disk_bytes, image.virtual_size)
+    hints = placement.group_hints(ctx, spec.placement)
     accounts.require_room(
         ctx.store, spec.project, Usage.of(count, spec.cpus, spec.memory_bytes, disk_bytes)
     )
@@ -75,39 +144,56 @@ def plan_machines(ctx: Context, spec: MachineSpec, count: int = 1) -> list[Job]:
             f"A machine named {_quote(sorted(taken))} already exists.",
             hint="Choose another name, or delete the old machine first.",
         )
+    macs = [] if dry_run else allocate_macs(count, lambda c: ctx.store.taken(macs=c))
+    claim = disk_claim(ctx, spec.clone, disk_bytes)
+    spec = replace(spec, placement=hints)
+    requests = [placement.request(name, spec, image, claim) for name in names]
+    return _Batch(spec, image, hints, names, macs, disk_bytes, claim, requests)
 
-    macs = allocate_macs(count, lambda candidates: ctx.store.taken(macs=candidates))
-    jobs = []
-    for name, mac in zip(names, macs, strict=True):
-        m = new_machine(
-            ctx,
-            new_identity(name, mac),
-            host=host.name,
-            image=image.name,
-            cpus=spec.cpus,
-            memory_bytes=spec.memory_bytes,
-            clone=spec.clone,
-            ssh_keys=spec.ssh_keys,
-            project=spec.project,
-            disk_bytes=disk_bytes,
-        )
-        args = machine_args(m)
-        plan = [
-            PlannedStep("machine.record", args),
-            PlannedStep(
-                "disk.clone",
-                {"path": m.disk_path, "base": image.path, "size": disk_bytes,
-                 "mode": spec.clone.value},
-            ),
-            PlannedStep(
-                "seed.write",
-                {"path": m.seed_path, "identity": args["identity"], "ssh_keys": args["ssh_keys"]},
-            ),
-            PlannedStep("domain.define", {"name": m.name, "uuid": m.identity.uuid}),
-            PlannedStep("machine.ready", {"name": m.name}),
-        ]
-        jobs.append(prepare_job(ctx, PROVISION, m.name, plan, project=spec.project))
-    return jobs
+
+def _claimed_job(ctx: Context, batch: _Batch, name: str, mac: str,
+                 handle: HostHandle) -> ClaimedJob:
+    spec, image = batch.spec, batch.image
+    wanted = LINKED_CLONE if spec.clone is CloneMode.LINKED else FULL_CLONE
+    if wanted not in handle.storage.capabilities:
+        raise InvalidInput(f"Host '{handle.host.name}''s storage cannot make a "
+                           f"{spec.clone} clone.")
+    m = new_machine(
+        handle,
+        new_identity(name, mac),
+        image=image.name,
+        cpus=spec.cpus,
+        memory_bytes=spec.memory_bytes,
+        clone=spec.clone,
+        ssh_keys=spec.ssh_keys,
+        project=spec.project,
+        disk_bytes=batch.disk_bytes,
+        disk_claim=batch.disk_claim,
+        placement=batch.hints,
+    )
+    args = machine_args(m)
+    on = {"host": m.host}
+    plan = [
+        PlannedStep("machine.record", args),
+        PlannedStep("image.ensure", {**on, "image": image.name}),
+        PlannedStep(
+            "disk.clone",
+            {**on, "path": m.disk_path, "base": image_on(ctx, handle, image).base,
+             "size": batch.disk_bytes, "mode": spec.clone.value},
+        ),
+        PlannedStep(
+            "seed.write",
+            {**on, "path": m.seed_path, "identity": args["identity"],
+             "ssh_keys": args["ssh_keys"]},
+        ),
+        PlannedStep("domain.define", {**on, "name": m.name, "uuid": m.identity.uuid}),
+        PlannedStep("machine.ready", {"name": m.name}),
+    ]
+    # The record is written with the job: it is the claim (see create_claimed_jobs).
+    steps = [Step(st.name, StepState.DONE if i == 0 else StepState.PENDING, st.args)
+             for i, st in enumerate(plan)]
+    check_steps(plan)
+    return ClaimedJob(PROVISION.name, m, steps)
 
 
 def provision(ctx: Context, jobs: list[Job], *, start: bool) -> BatchResult:
@@ -156,34 +242,16 @@ def _start_in_turn(
     return started
 
 
-def _check_resources(
-    ctx: Context, spec: MachineSpec, disk: int, image_size: int, memory: int, cpus: int
-) -> None:
-    """Cheap checks against the host, before anything is made (two-phase validation)."""
+def _check_sizes(spec: MachineSpec, disk: int, image_size: int) -> None:
+    """What no host could make right; capacity is the scheduler's to judge."""
     if spec.cpus < 1:
         raise InvalidInput("--cpus must be at least 1.")
-    if spec.cpus > cpus:
-        raise InsufficientResources(
-            f"{spec.cpus} vCPUs is more than this host has ({cpus})."
-        )
     if spec.memory_bytes < MIN_MEMORY:
         raise InvalidInput(f"--memory must be at least {format_size(MIN_MEMORY)}.")
-    if spec.memory_bytes > memory:
-        raise InsufficientResources(
-            f"{format_size(spec.memory_bytes)} of memory is more than this host has "
-            f"({format_size(memory)})."
-        )
     if disk < image_size:
         raise InvalidInput(
             f"--disk-size {format_size(disk)} is smaller than the image "
             f"({format_size(image_size)}); disks can grow, not shrink."
-        )
-    stat = os.statvfs(ctx.settings.pool_dir)
-    capacity = stat.f_blocks * stat.f_frsize
-    if disk > capacity:
-        raise InsufficientResources(
-            f"A {format_size(disk)} disk is larger than this host's storage pool "
-            f"({format_size(capacity)})."
         )
 
 
@@ -199,20 +267,22 @@ def wait_ready(
     """
     deadline = time.monotonic() + timeout
     ready: dict[str, ReadyReport] = {}
+    handles = {n: ctx.on(ctx.store.get_machine(n).host) for n in names}
     while len(ready) < len(names):
         for name in names:
             if name in ready:
                 continue
-            report = read_ready(console_log(ctx, name))
+            handle = handles[name]
+            report = read_ready(handle.read_console(name))
             if report is not None:
                 ready[name] = report
                 on_update(name, "ready")
                 continue
-            state = ctx.driver.state(name)
+            state = handle.driver.state(name)
             if state in (PowerState.SHUT_OFF, PowerState.CRASHED):
                 raise GuestTimeout(
                     f"Machine '{name}' stopped ({state}) before it said it was ready.",
-                    hint=f"See its console log: {console_log(ctx, name)}",
+                    hint=f"'corral vm console {name}' shows what the guest printed.",
                 )
         if len(ready) == len(names):
             break

@@ -6,15 +6,22 @@ needs (paths, UUIDs) is in them, so a different process can undo a dead one's wo
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from corral.identity.seed import seed_content, write_seed
 from corral.model import CloneMode, Identity, RecordState
-from corral.ops.context import Context
-from corral.ops.hosts import local_host
+from corral.ops.context import Context, HostHandle
+from corral.ops.distribute import ensure_image
 from corral.ops.jobs import nothing, step
 from corral.ops.machines import domain_plan, machine_from_args
+
+
+def _on(ctx: Context, a: dict[str, Any]) -> HostHandle:
+    """The host a step acts on; jobs written before there were several name none."""
+    return ctx.on(a.get("host") or ctx.settings.host_name)
+
 
 # -- the record --------------------------------------------------------------------------
 
@@ -27,7 +34,7 @@ def _forget(ctx: Context, a: dict[str, Any]) -> None:
 def _record(ctx: Context, a: dict[str, Any]) -> None:
     existing = ctx.store.find_machine(a["name"])
     if existing is None or existing.identity.uuid != a["identity"]["uuid"]:
-        ctx.store.add_machine(machine_from_args(a))
+        ctx.store.add_machine(machine_from_args(a), ctx.overcommit)
 
 
 @step("machine.ready", undo=nothing)
@@ -49,31 +56,39 @@ def _forget_step(ctx: Context, a: dict[str, Any]) -> None:
 
 
 def _delete_disk(ctx: Context, a: dict[str, Any]) -> None:
-    ctx.storage.delete(Path(a["path"]))
+    _on(ctx, a).storage.delete(Path(a["path"]))
+
+
+@step("image.ensure", undo=nothing)
+def _ensure_image(ctx: Context, a: dict[str, Any]) -> None:
+    """The image's base is on the host (copied once, verified); kept for later clones."""
+    ensure_image(ctx, _on(ctx, a), ctx.store.get_image(a["image"]))
 
 
 @step("disk.clone", undo=_delete_disk)
 def _clone_image(ctx: Context, a: dict[str, Any]) -> None:
     """A new disk from a library image, linked (overlay) or full (copy)."""
     dest, base = Path(a["path"]), Path(a["base"])
-    ctx.storage.delete(dest)  # a crash may have left a partial one
+    storage = _on(ctx, a).storage
+    storage.delete(dest)  # a crash may have left a partial one
     if CloneMode(a["mode"]) is CloneMode.LINKED:
-        ctx.storage.linked_clone(base, dest, a["size"])
+        storage.linked_clone(base, dest, a["size"])
     else:
-        ctx.storage.full_clone(base, dest, a["size"], ctx.on_progress)
+        storage.full_clone(base, dest, a["size"], ctx.on_progress)
 
 
 @step("disk.copy", undo=_delete_disk)
 def _copy_disk(ctx: Context, a: dict[str, Any]) -> None:
     """A machine's disk copied for a clone: the overlay alone (linked) or flattened (full)."""
     src, dest = Path(a["source"]), Path(a["path"])
-    ctx.storage.delete(dest)
+    storage = _on(ctx, a).storage
+    storage.delete(dest)
     if CloneMode(a["mode"]) is CloneMode.FULL:
-        ctx.storage.full_clone(src, dest, a["size"], ctx.on_progress)
+        storage.full_clone(src, dest, a["size"], ctx.on_progress)
         return
     # The copy keeps its explicit backing reference to the same read-only base, so
     # only the bytes the source machine owns are copied.
-    ctx.storage.copy(src, dest)
+    storage.copy(src, dest)
 
 
 @step("disk.delete", undo=nothing)
@@ -81,15 +96,27 @@ def _delete_disk_step(ctx: Context, a: dict[str, Any]) -> None:
     _delete_disk(ctx, a)
 
 
-def _delete_file(_ctx: Context, a: dict[str, Any]) -> None:
-    Path(a["path"]).unlink(missing_ok=True)
+def _delete_file(ctx: Context, a: dict[str, Any]) -> None:
+    handle = _on(ctx, a)
+    if handle.local:
+        Path(a["path"]).unlink(missing_ok=True)
+    else:
+        handle.storage.delete(Path(a["path"]))
 
 
 @step("seed.write", undo=_delete_file)
-def _write_seed(_ctx: Context, a: dict[str, Any]) -> None:
+def _write_seed(ctx: Context, a: dict[str, Any]) -> None:
     identity = Identity(**a["identity"])
-    write_seed(Path(a["path"]), seed_content(identity, tuple(a["ssh_keys"])))
-    Path(a["path"]).chmod(0o644)
+    content = seed_content(identity, tuple(a["ssh_keys"]))
+    handle = _on(ctx, a)
+    if handle.local:
+        write_seed(Path(a["path"]), content)
+        Path(a["path"]).chmod(0o644)
+        return
+    with tempfile.TemporaryDirectory(dir=ctx.settings.state_dir) as tmp:
+        local = Path(tmp) / "seed.iso"
+        write_seed(local, content)
+        handle.storage.put_file(local, Path(a["path"]))
 
 
 @step("file.delete", undo=nothing)
@@ -101,20 +128,21 @@ def _delete_file_step(ctx: Context, a: dict[str, Any]) -> None:
 
 
 def _undefine(ctx: Context, a: dict[str, Any]) -> None:
-    ctx.driver.undefine(a["uuid"], force=True)
+    _on(ctx, a).driver.undefine(a["uuid"], force=True)
 
 
 @step("domain.define", undo=_undefine)
 def _define(ctx: Context, a: dict[str, Any]) -> None:
-    host, _ = local_host(ctx)
+    handle = _on(ctx, a)
     machine = ctx.store.get_machine(a["name"])
-    ctx.settings.console_dir.mkdir(parents=True, exist_ok=True)
-    ctx.driver.define(domain_plan(ctx, machine, host))
+    if handle.local:
+        ctx.settings.console_dir.mkdir(parents=True, exist_ok=True)
+    handle.driver.define(domain_plan(ctx, machine, handle))
 
 
 @step("domain.destroy", undo=nothing)
 def _destroy(ctx: Context, a: dict[str, Any]) -> None:
-    ctx.driver.destroy(a["name"])
+    _on(ctx, a).driver.destroy(a["name"])
 
 
 @step("domain.undefine", undo=nothing)

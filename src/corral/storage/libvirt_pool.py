@@ -20,6 +20,7 @@ Two facts about libvirt 9's dir pools shape the code below (both measured):
 from __future__ import annotations
 
 import contextlib
+import time
 import hashlib
 import logging
 import os
@@ -282,7 +283,7 @@ class LibvirtPoolBackend(StorageBackend):
                 if _code(exc) != libvirt.VIR_ERR_NO_STORAGE_VOL:
                     raise
             if attempt == 0:
-                pool.refresh(0)
+                _refresh(pool)
         return None
 
     def _volume(self, path: Path) -> Any:
@@ -422,6 +423,26 @@ def _cleanup(what: str, action: Callable[[], object]) -> None:
 # -- errors --------------------------------------------------------------------------------
 
 _UNSUPPORTED = (libvirt.VIR_ERR_NO_SUPPORT, libvirt.VIR_ERR_OPERATION_UNSUPPORTED)
+
+
+REFRESH_PATIENCE = 300.0
+"""Seconds a refresh waits for the pool's uploads and volume builds to finish."""
+
+
+def _refresh(pool: Any) -> None:
+    """Re-read the pool's directory. libvirt refuses while an upload or a volume build
+    runs in that pool (another machine's, often): wait for it, that is not an error."""
+    deadline = time.monotonic() + REFRESH_PATIENCE
+    delay = 0.05
+    while True:
+        try:
+            pool.refresh(0)
+            return
+        except libvirt.libvirtError as exc:
+            if "asynchronous jobs" not in _detail(exc) or time.monotonic() > deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 1.0)
 
 
 def _code(exc: libvirt.libvirtError) -> int:

@@ -25,7 +25,6 @@ from corral.model import (
     AuditEntry,
     CloneMode,
     Event,
-    GroupPolicy,
     Host,
     HostFacts,
     HostPlacement,
@@ -128,6 +127,15 @@ class HostImage:
     """``copying`` or ``present``."""
     bytes_done: int
     owner: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedJob:
+    """A job to write together with the machine it claims (see create_claimed_jobs)."""
+
+    kind: str
+    machine: Machine
+    steps: Sequence[Step]
 
 
 class ClaimRefused(InsufficientResources):
@@ -309,7 +317,7 @@ class Store:
         with self._read() as s:
             row = s.scalars(select(MachineRow.placement)
                             .where(MachineRow.placement_group == group).limit(1)).first()
-        return None if row is None else _hints(row, group)
+        return None if row is None else PlacementHints.from_json(row, group)
 
     # -- images on hosts -----------------------------------------------------------------
 
@@ -436,20 +444,39 @@ class Store:
         """
         try:
             with self._tx() as s:
-                if overcommit is not None:
-                    _claim(s, machine, overcommit)
-                project = s.get(ProjectRow, machine.project, with_for_update=True)
-                if project is None:
-                    raise NotFound("project", machine.project)
-                asked = Usage.of(1, machine.cpus, machine.memory_bytes, machine.disk_bytes or 0)
-                _project(project).quota.require_room(project.name, _usage(s, project=project.name),
-                                                     asked)
-                s.add(_machine_row(machine))
+                _insert_machine(s, machine, overcommit)
         except IntegrityError as exc:
-            raise Conflict(
-                f"A machine named '{machine.name}' already exists.",
-                hint="Choose another name, or delete the old machine first.",
-            ) from exc
+            raise _name_taken(machine.name) from exc
+
+    def create_claimed_jobs(
+        self, jobs: Sequence[ClaimedJob], owner: str, overcommit: Overcommit
+    ) -> list[Job]:
+        """Claim every machine on its host and write its job, all in one transaction.
+
+        Either the whole batch is claimed or nothing is (ClaimRefused, QuotaExceeded,
+        Conflict). Each job's first step, the record, is written done: the record is
+        the claim.
+        """
+        try:
+            with self._tx() as s:
+                rows = []
+                for job in jobs:
+                    _insert_machine(s, job.machine, overcommit)
+                    s.flush()  # the next claim on the same host must count this one
+                    row = JobRow(kind=job.kind, target=job.machine.name, owner=owner,
+                                 state=JobState.PENDING.value, created_at=utcnow(),
+                                 project=job.machine.project)
+                    row.steps = [
+                        StepRow(position=i, name=st.name, state=st.state.value, args=st.args)
+                        for i, st in enumerate(job.steps)
+                    ]
+                    s.add(row)
+                    rows.append(row)
+                s.flush()
+                return [_job(r) for r in rows]
+        except IntegrityError as exc:
+            names = ", ".join(j.machine.name for j in jobs)
+            raise _name_taken(names) from exc
 
     def host_claims(self, host: str) -> Usage:
         """What the machines recorded on ``host`` claim together."""
@@ -888,21 +915,20 @@ def _host(row: HostRow) -> Host:
     )
 
 
-def _hints(stored: dict[str, Any], group: str | None) -> PlacementHints:
-    policy = stored.get("policy")
-    return PlacementHints(
-        host=stored.get("host"),
-        tags=frozenset(stored.get("tags", ())),
-        group=group,
-        policy=GroupPolicy(policy) if policy else None,
-        hard=stored.get("hard", True),
-        fast=stored.get("fast", False),
-    )
+def _name_taken(names: str) -> Conflict:
+    return Conflict(f"A machine named '{names}' already exists.",
+                    hint="Choose another name, or delete the old machine first.")
 
 
-def _hints_json(h: PlacementHints) -> dict[str, Any]:
-    return {"host": h.host, "tags": sorted(h.tags), "policy": h.policy.value if h.policy else None,
-            "hard": h.hard, "fast": h.fast}
+def _insert_machine(s: Session, machine: Machine, overcommit: Overcommit | None) -> None:
+    if overcommit is not None:
+        _claim(s, machine, overcommit)
+    project = s.get(ProjectRow, machine.project, with_for_update=True)
+    if project is None:
+        raise NotFound("project", machine.project)
+    asked = Usage.of(1, machine.cpus, machine.memory_bytes, machine.disk_bytes or 0)
+    _project(project).quota.require_room(project.name, _usage(s, project=project.name), asked)
+    s.add(_machine_row(machine))
 
 
 def _host_claims(s: Session, host: str) -> Usage:
@@ -981,7 +1007,7 @@ def _machine_row(m: Machine) -> MachineRow:
         project=m.project,
         disk_bytes=m.disk_bytes,
         disk_claim=m.disk_claim,
-        placement=_hints_json(m.placement),
+        placement=m.placement.to_json(),
         placement_group=m.placement.group,
     )
 
@@ -1006,7 +1032,7 @@ def _machine(row: MachineRow | Row[*tuple[Any, ...]]) -> Machine:
         project=row.project,
         disk_bytes=row.disk_bytes,
         disk_claim=row.disk_claim,
-        placement=_hints(row.placement, row.placement_group),
+        placement=PlacementHints.from_json(row.placement, row.placement_group),
     )
 
 

@@ -1,0 +1,130 @@
+"""corral placement … and the placement options of `vm create`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from corral.cli.backend import local_only
+from corral.cli.common import OutputOpt, context
+from corral.cli.render import Output, emit, out
+from corral.errors import InvalidInput
+from corral.model import GroupPolicy, MachineSpec, PlacementHints
+from corral.model.units import parse_size
+
+app = typer.Typer(help="Why machines go where they go.", no_args_is_help=True)
+pool = typer.Typer(help="The pool of hosts as a whole.", no_args_is_help=True)
+
+HostOpt = Annotated[str | None, typer.Option(help="this host, not the scheduler's choice")]
+TagOpt = Annotated[
+    list[str] | None, typer.Option("--tag", help="the host must carry this tag (repeatable)")
+]
+GroupOpt = Annotated[str | None, typer.Option(help="join this placement group")]
+AffinityOpt = Annotated[
+    str | None, typer.Option(help="GROUP: machines of the group share a host", metavar="GROUP")
+]
+AntiAffinityOpt = Annotated[
+    str | None,
+    typer.Option(help="GROUP: machines of the group each get a host of their own",
+                 metavar="GROUP"),
+]
+SoftOpt = Annotated[bool, typer.Option("--soft", help="the group policy is a preference")]
+FastOpt = Annotated[bool, typer.Option("--fast", help="prefer the fastest single thread")]
+
+
+def placement_hints(
+    host: str | None,
+    tags: Sequence[str] | None,
+    group: str | None,
+    affinity: str | None,
+    anti_affinity: str | None,
+    soft: bool,
+    fast: bool,
+) -> PlacementHints:
+    named = [g for g in (group, affinity, anti_affinity) if g is not None]
+    if len(named) > 1:
+        raise InvalidInput("Give one of --group, --affinity and --anti-affinity.")
+    if soft and not (affinity or anti_affinity):
+        raise InvalidInput("--soft qualifies --affinity or --anti-affinity; give one of them.")
+    policy = (GroupPolicy.AFFINITY if affinity else
+              GroupPolicy.ANTI_AFFINITY if anti_affinity else None)
+    return PlacementHints(host=host, tags=frozenset(tags or ()),
+                          group=named[0] if named else None, policy=policy, hard=not soft,
+                          fast=fast)
+
+
+def placements_table(rows: Sequence[dict[str, Any]]) -> Table:
+    t = Table("MACHINE", "HOST", "SCORE", "WHY", box=None)
+    for r in rows:
+        why = ", ".join(f"{k} {v:.2f}" for k, v in r["scores"].items())
+        t.add_row(r["machine"], r["host"], f"{r['score']:.2f}", why)
+    return t
+
+
+@app.command()
+def explain(
+    name: Annotated[str, typer.Argument(help="name of the machine to place")],
+    image: Annotated[str, typer.Option(help="library image to clone")],
+    cpus: Annotated[int, typer.Option(help="vCPUs")] = 1,
+    memory: Annotated[str, typer.Option(help="memory, e.g. 512M")] = "256M",
+    disk_size: Annotated[str | None, typer.Option(help="disk size (default: the image's)")] = None,
+    host: HostOpt = None,
+    tag: TagOpt = None,
+    group: GroupOpt = None,
+    affinity: AffinityOpt = None,
+    anti_affinity: AntiAffinityOpt = None,
+    soft: SoftOpt = False,
+    fast: FastOpt = False,
+    output: OutputOpt = Output.TABLE,
+) -> None:
+    """Every host's verdict for one machine: which filter refused it, or how it scored."""
+    local_only("placement explain")
+    from corral.ops.provision import explain_placement
+
+    spec = MachineSpec(
+        name=name, image=image, cpus=cpus, memory_bytes=parse_size(memory, what="memory size"),
+        disk_bytes=parse_size(disk_size, what="disk size") if disk_size else None,
+        placement=placement_hints(host, tag, group, affinity, anti_affinity, soft, fast),
+    )
+    with context() as ctx:
+        explanation = explain_placement(ctx, spec)
+    if output is not Output.TABLE:
+        emit(explanation.to_dict(), output, Table())
+        return
+    out.print(explanation.summary(), highlight=False)
+    if explanation.hint():
+        out.print(explanation.hint(), highlight=False)
+    for line in explanation.lines():
+        typer.echo(line)
+
+
+@pool.command()
+def rebalance(
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="compute the plan; move nothing (required)")
+    ] = False,
+    max_moves: Annotated[int, typer.Option(min=1, help="at most this many moves")] = 50,
+    output: OutputOpt = Output.TABLE,
+) -> None:
+    """Migrations that would narrow the load spread between hosts, under placement rules."""
+    local_only("pool rebalance")
+    if not dry_run:
+        raise InvalidInput("Only the plan exists so far: run 'corral pool rebalance --dry-run'.")
+    from corral.ops.placement import rebalance as plan
+
+    with context() as ctx:
+        moves = plan(ctx, max_moves)
+    rows: list[dict[str, Any]] = [
+        {"machine": m.machine, "source": m.source, "target": m.target, "reason": m.reason,
+         "spread_before": m.spread_before, "spread_after": m.spread_after} for m in moves
+    ]
+    t = Table("MACHINE", "FROM", "TO", "SPREAD", "WHY", box=None)
+    for m in moves:
+        t.add_row(m.machine, m.source, m.target,
+                  f"{m.spread_before:.2f} → {m.spread_after:.2f}", m.reason)
+    emit(rows, output, t)
+    if not rows and output is Output.TABLE:
+        out.print("The load is as even as the placement rules allow; nothing to move.")
