@@ -28,7 +28,8 @@ from corral.model import Host, HostPlacement
 from corral.ops import hosts as host_ops
 from corral.ops.hosts import DEFAULT_REMOTE_POOL
 
-router = APIRouter(prefix="/hosts", tags=["hosts"], responses=documented(401, 403, 404, 422))
+router = APIRouter(prefix="/hosts", tags=["hosts"],
+                   responses=documented(400, 401, 403, 404, 422))
 pools = APIRouter(prefix="/pools", tags=["hosts"], responses=documented(401))
 
 
