@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from corral.errors import InvalidInput
 from corral.model.states import Accelerator, HostState
 
 
@@ -34,6 +35,10 @@ class Overcommit:
     cpu: float = 4.0
     memory: float = 1.0
     disk: float = 1.0
+
+    def __post_init__(self) -> None:
+        if min(self.cpu, self.memory, self.disk) <= 0:
+            raise InvalidInput("Overcommit ratios must be larger than zero.")
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,7 +12,6 @@ from corral.scheduler import (
     HostView,
     Inventory,
     Move,
-    Overcommit,
     Request,
     Resources,
     Scheduler,
@@ -46,7 +45,6 @@ def inventory(ctx: Context, only: str | None = None) -> Inventory:
 
 def host_view(ctx: Context, load: HostLoad, local_images: frozenset[str]) -> HostView:
     h = load.host
-    ratios = h.placement.ratios(ctx.overcommit)
     # The local host clones straight from the library: every image is there.
     images = local_images if h.name == ctx.settings.host_name else load.images
     return HostView(
@@ -55,7 +53,7 @@ def host_view(ctx: Context, load: HostLoad, local_images: frozenset[str]) -> Hos
         state=h.state,
         arch=h.facts.arch,
         accelerator=h.accelerator.value,
-        ratios=Overcommit(ratios.cpu, ratios.memory, ratios.disk),
+        ratios=h.placement.ratios(ctx.overcommit),
         used=Resources(load.used.cpus, load.used.memory_bytes, load.used.disk_bytes),
         tags=h.placement.tags,
         cpu_score=h.cpu_score,

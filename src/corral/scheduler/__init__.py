@@ -32,6 +32,7 @@ Third parties add filters and weighers through the entry-point groups
 ``corral.scheduler.filters`` and ``corral.scheduler.weighers``.
 """
 
+from corral.model.host import Overcommit
 from corral.scheduler.base import Filter, Refusal, Weigher
 from corral.scheduler.engine import Scheduler, load_filters, load_weighers
 from corral.scheduler.explain import Explanation, HostVerdict, NoValidHost
@@ -40,7 +41,6 @@ from corral.scheduler.rebalance import Move, rebalance_plan
 from corral.scheduler.values import (
     DEFAULT_MULTIPLIERS,
     HostView,
-    Overcommit,
     Placement,
     Request,
     Resources,

@@ -8,6 +8,7 @@ from types import MappingProxyType
 from typing import Literal
 
 from corral.errors import InvalidInput
+from corral.model.host import Overcommit
 from corral.model.states import GroupPolicy, HostState
 from corral.model.units import format_size
 
@@ -41,20 +42,6 @@ class Resources:
             f"{vcpus}, {format_size(self.memory_bytes)} memory, "
             f"{format_size(self.disk_bytes)} disk"
         )
-
-
-@dataclass(frozen=True, slots=True)
-class Overcommit:
-    """How many times each physical resource may be promised (1.0 = never overcommit)."""
-
-    cpu: float = 4.0
-    memory: float = 1.0
-    disk: float = 1.0
-
-    def __post_init__(self) -> None:
-        if min(self.cpu, self.memory, self.disk) <= 0:
-            raise InvalidInput("Overcommit ratios must be larger than zero.")
-
 
 
 @dataclass(frozen=True, slots=True)

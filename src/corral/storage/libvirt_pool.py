@@ -20,11 +20,11 @@ Two facts about libvirt 9's dir pools shape the code below (both measured):
 from __future__ import annotations
 
 import contextlib
-import time
 import hashlib
 import logging
 import os
 import re
+import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
