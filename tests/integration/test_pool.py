@@ -256,3 +256,66 @@ def test_a_host_with_machines_cannot_be_removed(cleanup: CorralEnv, pool: tuple)
     assert f"Host '{hosts[0].name}' still holds machines: {env.name('keep')}." in " ".join(
         refused.stderr.split())
     assert hosts[0].name in {h["name"] for h in env.json("host", "list")}
+
+
+def test_concurrent_requests_for_an_image_wait_for_one_transfer(
+    pool: tuple[CorralEnv, list[TestHost]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Four processes' worth of requests (own Context each) for a base a host lacks: one
+    copy is sent, the others wait for it; an abandoned copy is taken over and finished."""
+    from corral.images import transfer
+    from corral.ops import distribute
+
+    env, hosts = pool
+    target = hosts[1].name
+    sent: list[str] = []
+    real_send = transfer.send_file
+
+    def counting(source: Path, *args: object, **kwargs: object) -> None:
+        sent.append(source.name)
+        real_send(source, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(distribute, "send_file", counting)
+    with env.context() as ctx:
+        image = ctx.store.get_image("appliance")
+        handle = ctx.on(target)
+        where = distribute.remote_paths(handle, image)
+        # forget the copy: the host must receive it again
+        ctx.store.drop_host_image(target, "appliance")
+        handle.storage.delete(Path(where.base))
+
+    contexts = [env.context() for _ in range(4)]
+    barrier = threading.Barrier(4)
+    errors: list[BaseException] = []
+
+    def ensure(ctx: object) -> None:
+        try:
+            barrier.wait()
+            distribute.ensure_image(ctx, ctx.on(target), image)  # type: ignore[attr-defined]
+        except BaseException as exc:
+            errors.append(exc)
+
+    try:
+        threads = [threading.Thread(target=ensure, args=(c,)) for c in contexts]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+    finally:
+        for c in contexts:
+            c.close()
+    assert not errors
+    assert sent.count(Path(image.path).name) == 1  # the base crossed once
+    with env.context() as ctx:
+        assert transfer.transfer_complete(ctx.on(target).storage, Path(where.base))
+        row = ctx.store.host_image(target, "appliance")
+        assert row is not None and row.state == "present" and row.owner is None
+
+        # a copier that died mid-way: its row says "copying" and its lock is free
+        ctx.store.drop_host_image(target, "appliance")
+        ctx.store.take_host_image(target, "appliance", where.base, "job-1-dead.lock",
+                                  unless_owner=lambda o: True)
+        sent.clear()
+        distribute.ensure_image(ctx, ctx.on(target), image)
+        assert Path(image.path).name in sent  # taken over (it verifies, so nothing moves)
+        assert ctx.store.host_image(target, "appliance").state == "present"  # type: ignore[union-attr]
