@@ -14,12 +14,30 @@ from __future__ import annotations
 
 import math
 import random
+import shutil
+import sqlite3
 import statistics
+import tempfile
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
 
 from corral.errors import InsufficientResources
+from corral.model import (
+    Accelerator,
+    CloneMode,
+    Host,
+    HostFacts,
+    HostPlacement,
+    Identity,
+    Machine,
+    RecordState,
+    Step,
+    StepState,
+)
 from corral.model.states import GroupPolicy, HostState
 from corral.scheduler import (
     HostView,
@@ -31,6 +49,8 @@ from corral.scheduler import (
     Scheduler,
     Weighting,
 )
+from corral.store import Store
+from corral.store.repository import ClaimedJob
 
 GiB = 1 << 30
 TiB = 1 << 40
@@ -311,8 +331,120 @@ def _packing(n: int, trace_name: str) -> None:
          f"{batch / ffd:.3f}× FFD in {batch_s:.2f} s (goal ≤ 1.05)")
 
 
+def _store_claims(hosts_n: int, machines: int, decisions: int, goal: str) -> None:
+    """The same decisions, each claim written to a real SQLite store (WAL,
+    synchronous=FULL) by ``Store.create_claimed_jobs``, the call ``vm create`` makes;
+    baseline: the same row inserted by the stdlib's sqlite3, one commit each."""
+    root = Path(tempfile.mkdtemp(prefix="corral-bench-placement-", dir="/var/tmp"))
+    try:
+        store = Store(f"sqlite:///{root / 'corral.db'}")
+        views = synthetic_hosts(hosts_n)
+        inv = Inventory(views)
+        _fill_store(store, views, inv, machines)
+        scheduler = Scheduler()
+        overcommit = Overcommit()
+        steps = [Step("machine.record", StepState.DONE, {})]
+
+        def write(host: str, req: Request) -> None:
+            store.create_claimed_jobs(
+                [ClaimedJob("provision", _machine(req.name, host, req), steps)], "bench",
+                overcommit)
+
+        result = decide_and_claim_loop(inv, scheduler, synthetic_requests(decisions, "new"),
+                                       write)
+        _row(f"{hosts_n:,} hosts: place + claim in the store", f"{result.per_second:,.0f} /s",
+             f"median {result.quantile_ms(0.5):.3f} ms, p99 {result.quantile_ms(0.99):.3f} ms"
+             f"  ({goal})")
+        batched = _batched_claims(store, inv, scheduler, synthetic_requests(decisions, "bat"))
+        _row(f"{hosts_n:,} hosts: batches of 10 (vm create --count 10)", f"{batched:,.0f} /s",
+             "decisions per second, one commit per batch")
+        store.close()
+        raw = _raw_inserts(root / "corral.db", decisions)
+        _row("  baseline: sqlite3 INSERT + COMMIT of the row", f"{raw:,.0f} /s",
+             f"Corral is {result.per_second / raw:.2f}× of it")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _batched_claims(store: Store, inv: Inventory, scheduler: Scheduler,
+                    requests: Sequence[Request]) -> float:
+    steps = [Step("machine.record", StepState.DONE, {})]
+    began = time.perf_counter()
+    done = 0
+    for k in range(0, len(requests), 10):
+        batch = requests[k:k + 10]
+        try:
+            placed = scheduler.place_batch(inv, batch)
+        except NoValidHost:
+            continue
+        store.create_claimed_jobs(
+            [ClaimedJob("provision", _machine(r.name, p.host, r), steps)
+             for r, p in zip(batch, placed, strict=True)], "bench", Overcommit())
+        done += len(batch)
+    return done / (time.perf_counter() - began)
+
+
+def _machine(name: str, host: str, req: Request) -> Machine:
+    uid = uuid.uuid4()
+    return Machine(
+        name=name, identity=Identity(str(uid), None, name, f"i-{uid.hex[:12]}"), host=host,
+        image=None, cpus=req.needs.cpus, memory_bytes=req.needs.memory_bytes,
+        clone=CloneMode.LINKED, disk_path=f"/pool/{name}.qcow2", seed_path=None,
+        record_state=RecordState.PROVISIONING, managed=True, created_at=datetime.now(UTC),
+        disk_claim=req.needs.disk_bytes,
+    )
+
+
+def _fill_store(store: Store, views: list[HostView], inv: Inventory, machines: int) -> None:
+    """Hosts as enrolled, and ``machines`` machines claimed on them (in batches)."""
+    for v in views:
+        facts = HostFacts(v.name, v.arch, "x", v.capacity.cpus, v.capacity.memory_bytes,
+                          "QEMU", "9")
+        store.put_host(Host(v.name, f"qemu+tls://{v.name}/system", facts, Accelerator(
+            v.accelerator), "", "corral", "/pool", disk_bytes=v.capacity.disk_bytes,
+            state=v.state, placement=HostPlacement(tags=v.tags)))
+        if v.ratios.memory != 1.0:
+            store.set_host_placement(v.name, HostPlacement(v.tags,
+                                                           memory_ratio=v.ratios.memory))
+    rng = random.Random(3)
+    up = [inv.names[i] for i in range(len(inv)) if inv.up[i]]
+    steps = [Step("machine.record", StepState.DONE, {})]
+    batch: list[ClaimedJob] = []
+    for req in synthetic_requests(machines, "old", 3):
+        for _ in range(10):
+            host = rng.choice(up)
+            try:
+                inv.claim(host, req)
+            except InsufficientResources:
+                continue
+            batch.append(ClaimedJob("provision", _machine(req.name, host, req), steps))
+            break
+        if len(batch) == 500:
+            store.create_claimed_jobs(batch, "bench", Overcommit())
+            batch = []
+    store.create_claimed_jobs(batch, "bench", Overcommit())
+
+
+def _raw_inserts(db: Path, n: int) -> float:
+    conn = sqlite3.connect(db, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("CREATE TABLE bench_claims (name TEXT PRIMARY KEY, host TEXT, cpus INT, "
+                 "memory INT, disk INT)")
+    began = time.perf_counter()
+    for k in range(n):
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("INSERT INTO bench_claims VALUES (?, ?, ?, ?, ?)",
+                     (f"raw-{k}", "host-00001", 2, 4 * GiB, 40 * GiB))
+        conn.execute("COMMIT")
+    elapsed = time.perf_counter() - began
+    conn.close()
+    return n / elapsed
+
+
 def run() -> None:
     _decisions(1_000, 10_000, 5_000, 300, "goal ≥ 5,000/s, p99 ≤ 5 ms")
+    _store_claims(1_000, 10_000, 2_000, "goal ≥ 5,000/s, p99 ≤ 5 ms")
     _decisions(10_000, 100_000, 2_000, 40, "goal ≥ 1,000/s")
     for trace_name in TRACES:
         _packing(3_000, trace_name)

@@ -21,6 +21,11 @@ class Quota:
     memory_bytes: int | None = None
     disk_bytes: int | None = None
 
+    @property
+    def unlimited(self) -> bool:
+        return all(v is None for v in (self.machines, self.cpus, self.memory_bytes,
+                                       self.disk_bytes))
+
     def require_room(self, project: str, used: Usage, asked: Usage) -> None:
         """Raise QuotaExceeded naming the first limit that ``used + asked`` would pass."""
         for what, limit, in_use, wanted, show in (

@@ -12,9 +12,21 @@ from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
-from sqlalchemy import Engine, Row, Select, String, delete, func, select, type_coerce, update
+from sqlalchemy import (
+    Engine,
+    Row,
+    Select,
+    String,
+    Table,
+    bindparam,
+    delete,
+    func,
+    select,
+    type_coerce,
+    update,
+)
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
@@ -457,23 +469,28 @@ class Store:
         Conflict). Each job's first step, the record, is written done: the record is
         the claim.
         """
+        created = utcnow()
         try:
             with self._tx() as s:
-                rows = []
+                made = []
                 for job in jobs:
                     _insert_machine(s, job.machine, overcommit)
-                    s.flush()  # the next claim on the same host must count this one
-                    row = JobRow(kind=job.kind, target=job.machine.name, owner=owner,
-                                 state=JobState.PENDING.value, created_at=utcnow(),
-                                 project=job.machine.project)
-                    row.steps = [
-                        StepRow(position=i, name=st.name, state=st.state.value, args=st.args)
+                    job_id = s.execute(
+                        _INSERT_JOB,
+                        dict(kind=job.kind, target=job.machine.name, owner=owner,
+                             state=JobState.PENDING.value, created_at=created,
+                             project=job.machine.project),
+                    ).scalar_one()
+                    s.execute(_INSERT_STEPS, [
+                        dict(job_id=job_id, position=i, name=st.name, state=st.state.value,
+                             args=st.args)
                         for i, st in enumerate(job.steps)
-                    ]
-                    s.add(row)
-                    rows.append(row)
-                s.flush()
-                return [_job(r) for r in rows]
+                    ])
+                    made.append(Job(id=job_id, kind=job.kind, target=job.machine.name,
+                                    state=JobState.PENDING, owner=owner,
+                                    steps=tuple(job.steps), error=None, created_at=created,
+                                    finished_at=None, project=job.machine.project))
+                return made
         except IntegrityError as exc:
             names = ", ".join(j.machine.name for j in jobs)
             raise _name_taken(names) from exc
@@ -923,37 +940,58 @@ def _name_taken(names: str) -> Conflict:
 def _insert_machine(s: Session, machine: Machine, overcommit: Overcommit | None) -> None:
     if overcommit is not None:
         _claim(s, machine, overcommit)
-    project = s.get(ProjectRow, machine.project, with_for_update=True)
-    if project is None:
+    row = s.execute(_PROJECT_QUOTA, {"project": machine.project}).first()
+    if row is None:
         raise NotFound("project", machine.project)
-    asked = Usage.of(1, machine.cpus, machine.memory_bytes, machine.disk_bytes or 0)
-    _project(project).quota.require_room(project.name, _usage(s, project=project.name), asked)
-    s.add(_machine_row(machine))
+    quota = Quota(*row)
+    if not quota.unlimited:  # summing a big project's usage costs more than the insert
+        asked = Usage.of(1, machine.cpus, machine.memory_bytes, machine.disk_bytes or 0)
+        quota.require_room(machine.project, _usage(s, project=machine.project), asked)
+    s.execute(_INSERT_MACHINE, _machine_values(machine))
+
+
+# The claim path runs once per placed machine: its statements are built once, here.
+_MACHINES = cast(Table, MachineRow.__table__)
+_HOST_CLAIMS = select(
+    func.count(), func.coalesce(func.sum(MachineRow.cpus), 0),
+    func.coalesce(func.sum(MachineRow.memory_bytes), 0),
+    func.coalesce(func.sum(MachineRow.disk_claim), 0),
+).where(MachineRow.host == bindparam("host"))
+_HOST_FOR_CLAIM = select(
+    HostRow.facts, HostRow.disk_bytes, HostRow.cpu_ratio, HostRow.memory_ratio,
+    HostRow.disk_ratio,
+).where(HostRow.name == bindparam("host")).with_for_update()
+_PROJECT_QUOTA = select(
+    ProjectRow.quota_machines, ProjectRow.quota_cpus, ProjectRow.quota_memory_bytes,
+    ProjectRow.quota_disk_bytes,
+).where(ProjectRow.name == bindparam("project")).with_for_update()
+_INSERT_MACHINE = _MACHINES.insert()
+_INSERT_JOB = cast(Table, JobRow.__table__).insert().returning(JobRow.id)
+_INSERT_STEPS = cast(Table, StepRow.__table__).insert()
 
 
 def _host_claims(s: Session, host: str) -> Usage:
-    row = s.execute(
-        select(func.count(), func.coalesce(func.sum(MachineRow.cpus), 0),
-               func.coalesce(func.sum(MachineRow.memory_bytes), 0),
-               func.coalesce(func.sum(MachineRow.disk_claim), 0))
-        .where(MachineRow.host == host)
-    ).one()
+    row = s.execute(_HOST_CLAIMS, {"host": host}).one()
     return Usage(machines=row[0], cpus=row[1], memory_bytes=row[2], disk_bytes=row[3])
 
 
 def _claim(s: Session, m: Machine, overcommit: Overcommit) -> None:
-    """Refuse a machine its host cannot hold, with the host row locked (see add_machine)."""
-    row = s.get(HostRow, m.host, with_for_update=True)
+    """Refuse a machine its host cannot hold, with the host row locked (see add_machine).
+
+    Core statements, not ORM objects: this runs once per placed machine, and the unit of
+    work cost several times the queries themselves.
+    """
+    row = s.execute(_HOST_FOR_CLAIM, {"host": m.host}).first()
     if row is None:
         raise NotFound("host", m.host)
-    host = _host(row)
-    ratios = host.placement.ratios(overcommit)
+    ratios = HostPlacement(frozenset(), row.cpu_ratio, row.memory_ratio,
+                           row.disk_ratio).ratios(overcommit)
     used = _host_claims(s, m.host)
     for what, have, in_use, wanted, show in (
-        ("vCPUs", host.facts.cpus * ratios.cpu, used.cpus, m.cpus, str),
-        ("memory", host.facts.memory_bytes * ratios.memory, used.memory_bytes, m.memory_bytes,
-         format_size),
-        ("disk", host.disk_bytes * ratios.disk, used.disk_bytes, m.disk_claim, format_size),
+        ("vCPUs", row.facts["cpus"] * ratios.cpu, used.cpus, m.cpus, str),
+        ("memory", row.facts["memory_bytes"] * ratios.memory, used.memory_bytes,
+         m.memory_bytes, format_size),
+        ("disk", row.disk_bytes * ratios.disk, used.disk_bytes, m.disk_claim, format_size),
     ):
         if in_use + wanted > have:
             raise ClaimRefused(
@@ -987,7 +1025,11 @@ def _image(row: ImageRow) -> Image:
 
 
 def _machine_row(m: Machine) -> MachineRow:
-    return MachineRow(
+    return MachineRow(**_machine_values(m))
+
+
+def _machine_values(m: Machine) -> dict[str, Any]:
+    return dict(
         name=m.name,
         uuid=m.identity.uuid,
         mac=m.identity.mac,
