@@ -69,12 +69,14 @@ def sync(output: OutputOpt = Output.TABLE) -> None:
         [{"name": n, "status": "unmanaged"} for n in report.unmanaged]
         + [{"name": n, "status": "missing"} for n in report.missing]
         + [{"name": n, "status": "returned"} for n in report.returned]
+        + [{"name": n, "status": "unreachable"} for n in report.unreachable]
     )
     table = Table("NAME", "STATUS", "WHAT TO DO", box=None)
     advice = {
         "unmanaged": "defined outside Corral: 'corral vm adopt NAME' takes it over",
         "missing": "its domain is gone from the host; the record is kept",
         "returned": "its domain is back; marked ready again",
+        "unreachable": "a host that is down or did not answer: its machines were not checked",
     }
     for row in rows:
         table.add_row(row["name"], row["status"], advice[row["status"]])

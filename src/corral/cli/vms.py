@@ -200,9 +200,9 @@ def console(name: str) -> None:
     """Attach to the serial console (Ctrl-] detaches)."""
     local_only("vm console")
     with context() as ctx:
-        ctx.store.get_machine(name)
+        driver = ctx.on(ctx.store.get_machine(name).host).driver
         err.print(f"Connected to {name}; Ctrl-] detaches.", highlight=False)
-        ctx.driver.attach_console(name, os.dup(0), os.dup(1))
+        driver.attach_console(name, os.dup(0), os.dup(1))
 
 
 @app.command()

@@ -6,11 +6,11 @@ and a domain Corral did not define is listed as unmanaged until someone adopts i
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from corral.errors import Conflict, InvalidInput
+from corral.errors import Conflict, HypervisorUnavailable, InvalidInput
 from corral.identity import check_name
-from corral.model import Identity, Machine, RecordState
+from corral.model import HostState, Identity, Machine, RecordState
 from corral.ops.context import Context
 from corral.ops.hosts import local_host
 from corral.store.repository import utcnow
@@ -24,12 +24,37 @@ class SyncReport:
     """Records whose domain is gone; newly marked or still missing."""
     returned: list[str]
     """Records marked missing earlier whose domain is back."""
+    unreachable: list[str] = field(default_factory=list)
+    """Hosts that are down or did not answer: their machines were not checked."""
 
 
 def sync(ctx: Context) -> SyncReport:
-    host, _ = local_host(ctx)
-    domains = {d.name: d for d in ctx.driver.list_domains()}
-    records = {m.name: m for m in ctx.store.list_machines(host=host.name)}
+    """Compare every reachable host's domains with the records of its machines.
+
+    Unmanaged domains of other hosts than the local one are named ``HOST/NAME``.
+    """
+    local, _ = local_host(ctx)
+    report = SyncReport([], [], [])
+    for host in ctx.store.list_hosts():
+        if host.state is HostState.DOWN:
+            report.unreachable.append(host.name)
+            continue
+        try:
+            part = _sync_host(ctx, host.name)
+        except HypervisorUnavailable:
+            report.unreachable.append(host.name)
+            continue
+        prefix = "" if host.name == local.name else f"{host.name}/"
+        report.unmanaged.extend(f"{prefix}{n}" for n in part.unmanaged)
+        report.missing.extend(part.missing)
+        report.returned.extend(part.returned)
+    report.missing.sort()
+    return report
+
+
+def _sync_host(ctx: Context, host: str) -> SyncReport:
+    domains = {d.name: d for d in ctx.on(host).driver.list_domains()}
+    records = {m.name: m for m in ctx.store.list_machines(host=host)}
     missing, returned = [], []
     for name, machine in records.items():
         present = name in domains and domains[name].uuid == machine.identity.uuid
