@@ -186,7 +186,21 @@ def details_table(d: dict[str, Any]) -> Table:
     t.add_column(style="bold")
     t.add_column()
     for key, value in d.items():
-        if key.endswith("_bytes") or key == "virtual_size":
-            value = f"{format_size(value)} ({value} bytes)" if value is not None else "-"
-        t.add_row(key.replace("_", " "), "-" if value is None else str(value))
+        t.add_row(key.replace("_", " "), _shown(key, value))
     return t
+
+
+def _shown(key: str, value: Any) -> str:
+    if value is None:
+        return "-"
+    if key.endswith("_bytes") or key == "virtual_size":
+        return f"{format_size(value)} ({value} bytes)"
+    if isinstance(value, dict):
+        return ", ".join(f"{k.replace('_bytes', '')} {_brief(k, v)}" for k, v in value.items())
+    if isinstance(value, list):
+        return ", ".join(map(str, value)) or "-"
+    return str(value)
+
+
+def _brief(key: str, value: Any) -> str:
+    return format_size(value) if key.endswith("_bytes") and value is not None else str(value)
