@@ -321,3 +321,21 @@ def test_concurrent_requests_for_an_image_wait_for_one_transfer(
         distribute.ensure_image(ctx, ctx.on(target), image)
         assert Path(image.path).name in sent  # taken over (it verifies, so nothing moves)
         assert ctx.store.host_image(target, "appliance").state == "present"  # type: ignore[union-attr]
+
+
+def test_fast_machines_go_to_the_best_single_thread_and_pack_fills_one_host(
+    cleanup: CorralEnv, pool: tuple
+) -> None:
+    env, hosts = cleanup, pool[1]
+    scores = {h["name"]: h["cpu_score"] for h in env.json("host", "list")
+              if h["name"] in {x.name for x in hosts}}
+    env.run("vm", "create", env.name("quick"), "--image", "appliance", "--fast", "--no-start")
+    assert scores[placed(env)[env.name("quick")]] == max(scores.values())
+
+    # pack: each machine goes where the least memory is left that still fits
+    for i in range(3):
+        env.run("vm", "create", env.name(f"p{i}"), "--image", "appliance", "--no-start",
+                env={"CORRAL_PLACEMENT": "pack"})
+    where = placed(env)
+    assert len({where[env.name(f"p{i}")] for i in range(3)}) == 1
+    assert where[env.name("p0")] == where[env.name("quick")]  # already the fullest
