@@ -188,3 +188,27 @@ def test_tokens_on_the_server(remote: Remote, served: Served) -> None:
     assert users.returncode == 2
     assert "--local" in one_error(users)
     remote.ok("logout")
+
+
+def test_pool_commands_over_the_server(remote: Remote, served: Served) -> None:
+    remote.login()
+    (local,) = [h for h in remote.json("host", "list") if h["name"] == "local"]
+    assert local["state"] == "up" and local["claimed"]["machines"] >= 0
+    name = served.name("placed")
+    plan = remote.json("vm", "create", name, "--image", "appliance", "--dry-run")
+    assert [(p["machine"], p["host"]) for p in plan] == [(name, "local")]
+
+    assert "is maintenance" in remote.ok("host", "maintenance", "local", "on")
+    try:
+        refused = remote.run("vm", "create", name, "--image", "appliance", "--dry-run")
+        assert refused.returncode == 4
+        assert "1 is in maintenance" in " ".join(refused.stderr.split())
+        explained = remote.ok("placement", "explain", name, "--image", "appliance")
+        row = next(line for line in explained.splitlines() if line.startswith("local "))
+        assert "refused" in row and "maintenance" in row
+    finally:
+        assert "is up" in remote.ok("host", "maintenance", "local", "off")
+    refused = remote.run("host", "remove", "local")
+    assert refused.returncode == 4 and "local host" in one_error(refused)
+    assert "nothing to move" in remote.ok("pool", "rebalance", "--dry-run")
+    assert "local: up" in remote.ok("host", "check")

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from rich.live import Live
 from rich.table import Table
@@ -22,7 +22,8 @@ from rich.table import Table
 from corral.cli.common import context
 from corral.cli.render import err, host_dict, image_dict, job_dict, machine_dict, placement_dict
 from corral.errors import CorralError, InvalidInput, NotFound
-from corral.model import CloneMode, ImageFormat, JobState, MachineSpec
+from corral.model import CloneMode, HostPlacement, ImageFormat, JobState, MachineSpec
+from corral.ops import hosts as host_ops
 from corral.ops import images as image_ops
 from corral.ops import lifecycle, provision
 from corral.ops.context import Context
@@ -36,6 +37,16 @@ Progress = Callable[[str, float], None]
 class Batch:
     created: list[Row]
     failed: dict[str, CorralError] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class HostRequest:
+    name: str
+    uri: str
+    pool_path: str | None
+    network: str | None
+    placement: HostPlacement
+    accelerator: Literal["auto", "kvm", "tcg"] | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +80,15 @@ class Backend(Protocol):
     def delete_image(self, name: str) -> None: ...
     def hosts(self) -> list[Row]: ...
     def host(self, name: str) -> Row: ...
+    def add_host(self, req: HostRequest) -> Row: ...
+    def set_host_placement(self, name: str, placement: HostPlacement) -> Row: ...
+    def set_maintenance(self, name: str, on: bool) -> Row: ...
+    def remove_host(self, name: str) -> None: ...
+    def check_hosts(self) -> tuple[list[Row], list[Row]]:
+        """The state changes the check found, and every host after it."""
+        ...
+    def explain_placement(self, spec: MachineSpec) -> Row: ...
+    def rebalance(self, max_moves: int) -> list[Row]: ...
     def jobs(self, state: JobState | None, limit: int) -> list[Row]: ...
     def job(self, job_id: int) -> Row: ...
 
@@ -228,6 +248,39 @@ class LocalBackend:
         if host is None:
             raise NotFound("host", name, hint="'corral host list' shows the enrolled hosts.")
         return host_dict(host, self.ctx.store.host_claims(name))
+
+    def add_host(self, req: HostRequest) -> Row:
+        host = host_ops.add_host(
+            self.ctx, req.name, req.uri, pool_path=req.pool_path or host_ops.DEFAULT_REMOTE_POOL,
+            network=req.network, placement=req.placement, accelerator=req.accelerator)
+        return self.host(host.name)
+
+    def set_host_placement(self, name: str, placement: HostPlacement) -> Row:
+        self.ctx.store.set_host_placement(name, placement)
+        return self.host(name)
+
+    def set_maintenance(self, name: str, on: bool) -> Row:
+        host_ops.set_maintenance(self.ctx, name, on)
+        return self.host(name)
+
+    def remove_host(self, name: str) -> None:
+        host_ops.remove_host(self.ctx, name)
+
+    def check_hosts(self) -> tuple[list[Row], list[Row]]:
+        changes = [{"host": c.host, "before": c.before.value, "after": c.after.value,
+                    "note": c.note} for c in host_ops.check_health(self.ctx)]
+        return changes, self.hosts()
+
+    def explain_placement(self, spec: MachineSpec) -> Row:
+        explanation = provision.explain_placement(self.ctx, spec)
+        return {**explanation.to_dict(), "lines": explanation.lines()}
+
+    def rebalance(self, max_moves: int) -> list[Row]:
+        from corral.ops.placement import rebalance
+
+        return [{"machine": m.machine, "source": m.source, "target": m.target,
+                 "reason": m.reason, "spread_before": m.spread_before,
+                 "spread_after": m.spread_after} for m in rebalance(self.ctx, max_moves)]
 
     def jobs(self, state: JobState | None, limit: int) -> list[Row]:
         return [job_dict(j) for j in self.ctx.store.list_jobs(state, limit=limit)]

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated
 
 import typer
 
-from corral.cli.backend import backend, local_only
+from corral.cli.backend import HostRequest, backend, local_only
 from corral.cli.common import OutputOpt, context
-from corral.cli.render import Output, details_table, emit, host_dict, hosts_table, out
+from corral.cli.render import Output, details_table, emit, hosts_table, out
 from corral.errors import InvalidInput
 from corral.model import HostPlacement
 from corral.ops import hosts as host_ops
@@ -42,9 +42,8 @@ def show(
 def add(
     name: Annotated[str, typer.Argument(help="a name for the host")],
     uri: Annotated[str, typer.Argument(help="libvirt URI, e.g. qemu+ssh://root@node2/system")],
-    pool_path: Annotated[str, typer.Option(help="directory for disks on that host")] = (
-        host_ops.DEFAULT_REMOTE_POOL
-    ),
+    pool_path: Annotated[str | None, typer.Option(
+        help=f"directory for disks on that host [default: {host_ops.DEFAULT_REMOTE_POOL}]")] = None,
     network: Annotated[str | None, typer.Option(help="isolated network for NICs")] = None,
     tag: TagOpt = None,
     cpu_ratio: RatioOpt = None,
@@ -54,15 +53,13 @@ def add(
     output: OutputOpt = Output.TABLE,
 ) -> None:
     """Enrol a host by its libvirt URI; probe its CPU, memory, pool and accelerator."""
-    local_only("host add")
     if accelerator not in (None, "auto", "kvm", "tcg"):
         raise InvalidInput(f"'{accelerator}' is not an accelerator choice: use auto, kvm or tcg.")
-    choice: Literal["auto", "kvm", "tcg"] | None = accelerator  # type: ignore[assignment]
-    placement = HostPlacement(frozenset(tag or ()), cpu_ratio, memory_ratio, disk_ratio)
-    with context() as ctx:
-        host = host_ops.add_host(ctx, name, uri, pool_path=pool_path, network=network,
-                                 placement=placement, accelerator=choice)
-        d = host_dict(host, ctx.store.host_claims(host.name))
+    req = HostRequest(name, uri, pool_path, network,
+                      HostPlacement(frozenset(tag or ()), cpu_ratio, memory_ratio, disk_ratio),
+                      accelerator)  # type: ignore[arg-type]
+    with backend() as b:
+        d = b.add_host(req)
     emit(d, output, details_table(d))
 
 
@@ -75,9 +72,8 @@ def set_placement(
     disk_ratio: RatioOpt = None,
 ) -> None:
     """Replace a host's tags and overcommit ratios (unset ratios follow the global ones)."""
-    local_only("host set")
-    with context() as ctx:
-        ctx.store.set_host_placement(
+    with backend() as b:
+        b.set_host_placement(
             name, HostPlacement(frozenset(tag or ()), cpu_ratio, memory_ratio, disk_ratio))
     out.print(f"Host [bold]{name}[/] updated.")
 
@@ -88,34 +84,31 @@ def maintenance(
     on: Annotated[str, typer.Argument(help="on or off", metavar="on|off")],
 ) -> None:
     """Put a host in maintenance (it receives no new machines) or take it out."""
-    local_only("host maintenance")
     if on not in ("on", "off"):
         raise InvalidInput(f"'{on}' is neither on nor off.")
-    with context() as ctx:
-        host = host_ops.set_maintenance(ctx, name, on == "on")
-    out.print(f"Host [bold]{name}[/] is {host.state.value}.")
+    with backend() as b:
+        host = b.set_maintenance(name, on == "on")
+    out.print(f"Host [bold]{name}[/] is {host['state']}.")
 
 
 @app.command()
 def remove(name: Annotated[str, typer.Argument(help="host name")]) -> None:
     """Forget a host; refused while it holds machines. Nothing on the host is deleted."""
-    local_only("host remove")
-    with context() as ctx:
-        host_ops.remove_host(ctx, name)
+    with backend() as b:
+        b.remove_host(name)
     out.print(f"Removed host [bold]{name}[/].")
 
 
 @app.command()
 def check() -> None:
     """Ask every host whether it answers; mark those that do not as down."""
-    local_only("host check")
-    with context() as ctx:
-        changes = host_ops.check_health(ctx)
-        hosts = ctx.store.list_hosts()
+    with backend() as b:
+        changes, hosts = b.check_hosts()
     for c in changes:
-        out.print(f"{c.host}: {c.before.value} → {c.after.value} ({c.note})")
+        out.print(f"{c['host']}: {c['before']} → {c['after']} ({c['note']})", highlight=False)
     for h in hosts:
-        out.print(f"{h.name}: {h.state.value}" + (f" ({h.state_note})" if h.state_note else ""))
+        note = h.get("state_note")
+        out.print(f"{h['name']}: {h['state']}" + (f" ({note})" if note else ""), highlight=False)
 
 
 @app.command()

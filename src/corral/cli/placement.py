@@ -8,8 +8,8 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from corral.cli.backend import local_only
-from corral.cli.common import OutputOpt, context
+from corral.cli.backend import backend
+from corral.cli.common import OutputOpt
 from corral.cli.render import Output, emit, out
 from corral.errors import InvalidInput
 from corral.model import GroupPolicy, MachineSpec, PlacementHints
@@ -81,23 +81,20 @@ def explain(
     output: OutputOpt = Output.TABLE,
 ) -> None:
     """Every host's verdict for one machine: which filter refused it, or how it scored."""
-    local_only("placement explain")
-    from corral.ops.provision import explain_placement
-
     spec = MachineSpec(
         name=name, image=image, cpus=cpus, memory_bytes=parse_size(memory, what="memory size"),
         disk_bytes=parse_size(disk_size, what="disk size") if disk_size else None,
         placement=placement_hints(host, tag, group, affinity, anti_affinity, soft, fast),
     )
-    with context() as ctx:
-        explanation = explain_placement(ctx, spec)
+    with backend() as b:
+        explained = b.explain_placement(spec)
     if output is not Output.TABLE:
-        emit(explanation.to_dict(), output, Table())
+        emit(explained, output, Table())
         return
-    out.print(explanation.summary(), highlight=False)
-    if explanation.hint():
-        out.print(explanation.hint(), highlight=False)
-    for line in explanation.lines():
+    out.print(explained["summary"], highlight=False)
+    if explained.get("hint"):
+        out.print(explained["hint"], highlight=False)
+    for line in explained["lines"]:
         typer.echo(line)
 
 
@@ -110,21 +107,14 @@ def rebalance(
     output: OutputOpt = Output.TABLE,
 ) -> None:
     """Migrations that would narrow the load spread between hosts, under placement rules."""
-    local_only("pool rebalance")
     if not dry_run:
         raise InvalidInput("Only the plan exists so far: run 'corral pool rebalance --dry-run'.")
-    from corral.ops.placement import rebalance as plan
-
-    with context() as ctx:
-        moves = plan(ctx, max_moves)
-    rows: list[dict[str, Any]] = [
-        {"machine": m.machine, "source": m.source, "target": m.target, "reason": m.reason,
-         "spread_before": m.spread_before, "spread_after": m.spread_after} for m in moves
-    ]
+    with backend() as b:
+        rows = b.rebalance(max_moves)
     t = Table("MACHINE", "FROM", "TO", "SPREAD", "WHY", box=None)
-    for m in moves:
-        t.add_row(m.machine, m.source, m.target,
-                  f"{m.spread_before:.2f} → {m.spread_after:.2f}", m.reason)
+    for r in rows:
+        t.add_row(str(r["machine"]), str(r["source"]), str(r["target"]),
+                  f"{r['spread_before']:.2f} → {r['spread_after']:.2f}", str(r["reason"]))
     emit(rows, output, t)
     if not rows and output is Output.TABLE:
         out.print("The load is as even as the placement rules allow; nothing to move.")

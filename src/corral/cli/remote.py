@@ -19,7 +19,7 @@ import httpx
 
 from corral import __version__, errors
 from corral.cli import credentials
-from corral.cli.backend import Batch, Board, ImportRequest, Progress, Row
+from corral.cli.backend import Batch, Board, HostRequest, ImportRequest, Progress, Row
 from corral.errors import (
     Conflict,
     CorralError,
@@ -32,7 +32,7 @@ from corral.errors import (
     TooManyRequests,
     Unauthenticated,
 )
-from corral.model import CloneMode, JobState, MachineSpec
+from corral.model import CloneMode, HostPlacement, JobState, MachineSpec
 
 _CHUNK = 1 << 20
 _RUNNING = (JobState.PENDING.value, JobState.RUNNING.value)
@@ -149,6 +149,11 @@ class Client:
         response = self.request("DELETE", path, params=params)
         return response.json() if response.content else None
 
+    def send(self, method: str, path: str, body: Any) -> Any:
+        """PUT or PATCH a JSON body."""
+        response = self.request(method, path, json=body)
+        return response.json() if response.content else None
+
     def follow(self, job: Row, on_update: Callable[[Row], None] = lambda job: None) -> Row:
         """Follow a job to its end over Server-Sent Events; poll if the stream breaks."""
         last = job
@@ -253,6 +258,12 @@ def host_row(h: Row) -> Row:
         "accelerator_note": h["accelerator_note"],
         "pool": h["pool_name"],
         "pool_path": h["pool_path"],
+        "pool_bytes": h["disk_bytes"],
+        "state": h["state"],
+        "state_note": h["state_note"],
+        "tags": h["tags"],
+        "cpu_score": h["cpu_score"],
+        "claimed": h["claimed"],
     }
 
 
@@ -444,6 +455,39 @@ class RemoteBackend:
 
     def host(self, name: str) -> Row:
         return host_row(self.api.get(f"/hosts/{name}"))
+
+    def add_host(self, req: HostRequest) -> Row:
+        p = req.placement
+        return host_row(self.api.post("/hosts", {
+            "name": req.name, "uri": req.uri, "pool_path": req.pool_path,
+            "network": req.network, "tags": sorted(p.tags), "cpu_ratio": p.cpu_ratio,
+            "memory_ratio": p.memory_ratio, "disk_ratio": p.disk_ratio,
+            "accelerator": req.accelerator,
+        }))
+
+    def set_host_placement(self, name: str, placement: HostPlacement) -> Row:
+        return host_row(self.api.send("PATCH", f"/hosts/{name}", {
+            "tags": sorted(placement.tags), "cpu_ratio": placement.cpu_ratio,
+            "memory_ratio": placement.memory_ratio, "disk_ratio": placement.disk_ratio,
+        }))
+
+    def set_maintenance(self, name: str, on: bool) -> Row:
+        return host_row(self.api.send("PUT", f"/hosts/{name}/maintenance", {"on": on}))
+
+    def remove_host(self, name: str) -> None:
+        self.api.delete(f"/hosts/{name}")
+
+    def check_hosts(self) -> tuple[list[Row], list[Row]]:
+        report = self.api.post("/hosts/check")
+        return list(report["changes"]), [host_row(h) for h in report["hosts"]]
+
+    def explain_placement(self, spec: MachineSpec) -> Row:
+        explained: Row = self.api.post("/placement/explain", _create_body(spec, 1))
+        return explained
+
+    def rebalance(self, max_moves: int) -> list[Row]:
+        moves: list[Row] = self.api.get("/pool/rebalance")["moves"]
+        return moves[:max_moves]
 
     def jobs(self, state: JobState | None, limit: int) -> list[Row]:
         page = self.api.get("/jobs", limit=limit, state=state.value if state else None)
