@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
-from corral.compute.base import ComputeDriver
+from corral.compute.base import ComputeDriver, load_compute_driver
 from corral.errors import Conflict, CorralError, InvalidInput
 from corral.identity import check_name, new_identity
 from corral.identity.mac import random_mac
@@ -97,9 +97,7 @@ def add_host(
                        hint="Choose another name, or remove the old host first.")
     if any(h.uri == uri for h in ctx.store.list_hosts()):
         raise Conflict(f"A host with URI {uri} is already enrolled.")
-    from corral.compute.libvirt_driver import LibvirtDriver
-
-    with LibvirtDriver(uri) as driver:
+    with load_compute_driver("libvirt", uri) as driver:
         host = _facts_and_pool(
             driver, name=name, uri=uri, pool_name=ctx.settings.pool_name, pool_path=pool_path,
             network=network or ctx.settings.network_name,
@@ -264,26 +262,36 @@ def check_health(ctx: Context, on_change: Callable[[HealthChange], None] = lambd
     changes: list[HealthChange] = []
     if not hosts:
         return changes
-    with ThreadPoolExecutor(max_workers=min(16, len(hosts))) as pool:
+    # Not a `with` block: its exit would wait for a host that hangs past the deadline.
+    pool = ThreadPoolExecutor(max_workers=min(16, len(hosts)), thread_name_prefix="health")
+    try:
         futures = {h.name: pool.submit(_answers, ctx, h) for h in hosts}
+        deadline = time.monotonic() + ctx.settings.host_timeout
         for host in hosts:
             try:
-                note = futures[host.name].result(timeout=ctx.settings.host_timeout)
+                note = futures[host.name].result(timeout=max(0.0, deadline - time.monotonic()))
             except FutureTimeout:
                 note = f"no answer within {ctx.settings.host_timeout:g} s"
-            after = HostState.UP if note is None else HostState.DOWN
-            # Re-read: an operator may have put the host in maintenance meanwhile.
-            current = ctx.store.get_host(host.name)
-            if current.state is HostState.MAINTENANCE:
-                continue
-            ctx.store.set_host_state(host.name, after, note or "", seen=note is None)
-            if after is not current.state:
-                change = HealthChange(host.name, current.state, after, note or "answers again")
-                changes.append(change)
-                ctx.store.add_event(f"host.{after.value}", host.name,
-                                    f"host {host.name} is {after.value}: {change.note}", None)
-                on_change(change)
+            _record_health(ctx, host, note, changes, on_change)
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
     return changes
+
+
+def _record_health(ctx: Context, host: Host, note: str | None, changes: list[HealthChange],
+                   on_change: Callable[[HealthChange], None]) -> None:
+    after = HostState.UP if note is None else HostState.DOWN
+    # Re-read: an operator may have put the host in maintenance meanwhile.
+    current = ctx.store.get_host(host.name)
+    if current.state is HostState.MAINTENANCE:
+        return
+    ctx.store.set_host_state(host.name, after, note or "", seen=note is None)
+    if after is not current.state:
+        change = HealthChange(host.name, current.state, after, note or "answers again")
+        changes.append(change)
+        ctx.store.add_event(f"host.{after.value}", host.name,
+                            f"host {host.name} is {after.value}: {change.note}", None)
+        on_change(change)
 
 
 def _answers(ctx: Context, host: Host) -> str | None:
