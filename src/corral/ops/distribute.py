@@ -49,7 +49,7 @@ def remote_paths(handle: HostHandle, image: Image) -> ImageOnHost:
     return ImageOnHost(base=f"{stem}.qcow2", kernel_boot=boot)
 
 
-def image_on(ctx: Context, handle: HostHandle, image: Image) -> ImageOnHost:
+def image_on(handle: HostHandle, image: Image) -> ImageOnHost:
     """Where ``handle``'s host reads ``image``; does not copy (see ``ensure_image``)."""
     if handle.local:
         return ImageOnHost(base=image.path, kernel_boot=image.kernel_boot)
@@ -58,7 +58,7 @@ def image_on(ctx: Context, handle: HostHandle, image: Image) -> ImageOnHost:
 
 def ensure_image(ctx: Context, handle: HostHandle, image: Image) -> ImageOnHost:
     """Make ``image`` present and verified on the host, copying it if needed."""
-    where = image_on(ctx, handle, image)
+    where = image_on(handle, image)
     if handle.local:
         return where
     key = (handle.host.name, image.name)

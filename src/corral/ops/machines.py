@@ -67,7 +67,7 @@ def domain_plan(ctx: Context, machine: Machine, handle: HostHandle) -> DomainPla
     from corral.ops.distribute import image_on
 
     image = ctx.store.find_image(machine.image) if machine.image else None
-    where = image_on(ctx, handle, image) if image is not None else None
+    where = image_on(handle, image) if image is not None else None
     linked = where is not None and machine.clone is CloneMode.LINKED
     return DomainPlan(
         name=machine.name,

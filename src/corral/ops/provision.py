@@ -178,7 +178,7 @@ def _claimed_job(ctx: Context, batch: _Batch, name: str, mac: str,
         PlannedStep("image.ensure", {**on, "image": image.name}),
         PlannedStep(
             "disk.clone",
-            {**on, "path": m.disk_path, "base": image_on(ctx, handle, image).base,
+            {**on, "path": m.disk_path, "base": image_on(handle, image).base,
              "size": batch.disk_bytes, "mode": spec.clone.value},
         ),
         PlannedStep(
