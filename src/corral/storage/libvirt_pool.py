@@ -37,6 +37,7 @@ from corral.errors import Conflict, CorralError, NoSpace, NotFound, StorageError
 from corral.formats.domain_xml import safe_fromstring
 from corral.model import DiskUsage
 from corral.storage.base import FULL_CLONE, LINKED_CLONE, Progress, StorageBackend
+from corral.storage.sparse import data_and_holes
 
 log = logging.getLogger(__name__)
 
@@ -353,27 +354,9 @@ def _send(stream: Any, data: bytes | memoryview) -> None:
         view = view[sent:]
 
 
-def _sections(fd: int, start: int, end: int) -> Iterator[tuple[bool, int, int]]:
-    """(is_data, from, to) sections of ``[start, end)`` of ``fd``, by SEEK_DATA/SEEK_HOLE."""
-    pos = start
-    while pos < end:
-        try:
-            data = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError:  # ENXIO: only a hole from here to the end of the file
-            data = end
-        data = min(data, end)
-        if data > pos:
-            yield False, pos, data
-            pos = data
-            continue
-        hole = min(os.lseek(fd, pos, os.SEEK_HOLE), end)
-        yield True, pos, hole
-        pos = hole
-
-
 def _send_range(stream: Any, fd: int, start: int, end: int, dirty_end: int) -> None:
     """Send ``[start, end)`` of ``fd``: data as data, holes as holes at or past ``dirty_end``."""
-    for is_data, lo, hi in _sections(fd, start, end):
+    for is_data, lo, hi in data_and_holes(fd, start, end):
         if not is_data:
             zeros_to = min(hi, max(lo, dirty_end))
             pos = lo

@@ -6,7 +6,6 @@ import errno
 import hashlib
 import os
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import ClassVar
 
@@ -15,6 +14,7 @@ from corral.formats.qcow2 import Qcow2Header, read_qcow2_header, write_overlay
 from corral.model import DiskUsage
 from corral.storage import qemu_img
 from corral.storage.base import FULL_CLONE, LINKED_CLONE, Progress, StorageBackend
+from corral.storage.sparse import data_and_holes
 
 _HEADER_BYTES = 64 << 10
 _PIECE = 1 << 20
@@ -126,7 +126,7 @@ class Qcow2DirBackend(StorageBackend):
         try:
             with source.open("rb") as src, dest.open("r+b") as out:
                 out.truncate(start)
-                for is_data, lo, hi in _sections(src.fileno(), start, end):
+                for is_data, lo, hi in data_and_holes(src.fileno(), start, end):
                     pos = lo
                     while is_data and pos < hi:
                         data = os.pread(src.fileno(), min(_PIECE, hi - pos), pos)
@@ -157,23 +157,6 @@ def _os_error(exc: OSError, action: str, directory: Path) -> StorageError:
     if exc.errno == errno.ENOSPC:
         return NoSpace(f"The pool at {directory} is full; free space and retry.")
     return StorageError(f"Could not {action}: {exc.strerror}.")
-
-
-def _sections(fd: int, start: int, end: int) -> Iterator[tuple[bool, int, int]]:
-    """(is_data, from, to) sections of ``[start, end)`` of ``fd``, by SEEK_DATA/SEEK_HOLE."""
-    pos = start
-    while pos < end:
-        try:
-            data = min(os.lseek(fd, pos, os.SEEK_DATA), end)
-        except OSError:  # ENXIO: a hole from here to the end of the file
-            data = end
-        if data > pos:
-            yield False, pos, data
-            pos = data
-            continue
-        hole = min(os.lseek(fd, pos, os.SEEK_HOLE), end)
-        yield True, pos, hole
-        pos = hole
 
 
 def _header(path: Path) -> Qcow2Header:
