@@ -16,7 +16,7 @@ from types import TracebackType
 
 from corral.compute.base import ComputeDriver, load_compute_driver
 from corral.config import Settings
-from corral.errors import HypervisorUnavailable
+from corral.errors import HypervisorUnavailable, NotFound
 from corral.model import Host, Job, Overcommit
 from corral.storage.base import StorageBackend
 from corral.storage.qcow2_dir import Qcow2DirBackend
@@ -47,24 +47,13 @@ class HostHandle:
 
     def read_console(self, machine: str, max_bytes: int = 1 << 20) -> bytes:
         """The end of the machine's console log (empty before the guest wrote any)."""
-        path = self.console_log(machine)
-        if self.local:
-            try:
-                with path.open("rb") as f:
-                    size = f.seek(0, 2)
-                    f.seek(max(0, size - max_bytes))
-                    return f.read()
-            except FileNotFoundError:
-                return b""
-        if not self.storage.exists(path):
+        try:
+            return self.storage.read_tail(self.console_log(machine), max_bytes)
+        except NotFound:
             return b""
-        return self.storage.read_tail(path, max_bytes)
 
     def remove_console(self, machine: str) -> None:
-        if self.local:
-            self.console_log(machine).unlink(missing_ok=True)
-        else:
-            self.storage.delete(self.console_log(machine))
+        self.storage.delete(self.console_log(machine))
 
 
 class Context:

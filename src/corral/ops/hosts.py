@@ -153,16 +153,17 @@ def probe_accelerator(
     """KVM only if a guest really boots with it; the same guest measures the CPU."""
     image = ctx.store.find_image(APPLIANCE)
     has_guest = image is not None and image.kernel_boot is not None
+
+    def score_with(accel: Accelerator) -> float | None:
+        return _probe_guest(ctx, handle, accel, bench=True)[1] if bench and has_guest else None
+
     if choice != "auto":
         accel = Accelerator(choice)
-        score = _probe_guest(ctx, handle, accel, bench=True)[1] if bench and has_guest else None
-        return ProbeResult(accel, f"{choice.upper()} chosen by configuration.", score)
+        return ProbeResult(accel, f"{choice.upper()} chosen by configuration.", score_with(accel))
     if not handle.driver.kvm_device_present():
-        score = (_probe_guest(ctx, handle, Accelerator.TCG, bench=True)[1]
-                 if bench and has_guest else None)
         return ProbeResult(Accelerator.TCG,
                            "no KVM on this host; guests run under software emulation (TCG).",
-                           score)
+                           score_with(Accelerator.TCG))
     if not has_guest:
         return ProbeResult(Accelerator.TCG, (
             "KVM is present but not yet proven (no appliance to boot); using software "
@@ -172,12 +173,10 @@ def probe_accelerator(
     booted, score = _probe_guest(ctx, handle, Accelerator.KVM, bench=bench, timeout=timeout)
     if booted:
         return ProbeResult(Accelerator.KVM, "KVM works: a test guest booted with it.", score)
-    if bench:
-        score = _probe_guest(ctx, handle, Accelerator.TCG, bench=True)[1]
     return ProbeResult(Accelerator.TCG, (
         f"/dev/kvm is present, but a test guest did not boot with KVM within {timeout:.0f} s; "
         "guests run under software emulation (TCG), which is slower."
-    ), score)
+    ), score_with(Accelerator.TCG))
 
 
 def _probe_guest(

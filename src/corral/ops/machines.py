@@ -92,11 +92,6 @@ def disk_claim(ctx: Context, clone: CloneMode, disk_bytes: int) -> int:
     return int(disk_bytes * ctx.settings.linked_clone_growth)
 
 
-def console_log(ctx: Context, name: str) -> Path:
-    """The local host's console log of ``name`` (see HostHandle.console_log)."""
-    return ctx.settings.console_dir / f"{name}.log"
-
-
 def new_machine(
     handle: HostHandle,
     identity: Identity,

@@ -55,7 +55,8 @@ def _forget_step(ctx: Context, a: dict[str, Any]) -> None:
 # -- disks and seeds ---------------------------------------------------------------------
 
 
-def _delete_disk(ctx: Context, a: dict[str, Any]) -> None:
+def _delete_volume(ctx: Context, a: dict[str, Any]) -> None:
+    """A disk, seed or console log in the host's pool (or the local console dir)."""
     _on(ctx, a).storage.delete(Path(a["path"]))
 
 
@@ -65,7 +66,7 @@ def _ensure_image(ctx: Context, a: dict[str, Any]) -> None:
     ensure_image(ctx, _on(ctx, a), ctx.store.get_image(a["image"]))
 
 
-@step("disk.clone", undo=_delete_disk)
+@step("disk.clone", undo=_delete_volume)
 def _clone_image(ctx: Context, a: dict[str, Any]) -> None:
     """A new disk from a library image, linked (overlay) or full (copy)."""
     dest, base = Path(a["path"]), Path(a["base"])
@@ -77,7 +78,7 @@ def _clone_image(ctx: Context, a: dict[str, Any]) -> None:
         storage.full_clone(base, dest, a["size"], ctx.on_progress)
 
 
-@step("disk.copy", undo=_delete_disk)
+@step("disk.copy", undo=_delete_volume)
 def _copy_disk(ctx: Context, a: dict[str, Any]) -> None:
     """A machine's disk copied for a clone: the overlay alone (linked) or flattened (full)."""
     src, dest = Path(a["source"]), Path(a["path"])
@@ -91,20 +92,7 @@ def _copy_disk(ctx: Context, a: dict[str, Any]) -> None:
     storage.copy(src, dest)
 
 
-@step("disk.delete", undo=nothing)
-def _delete_disk_step(ctx: Context, a: dict[str, Any]) -> None:
-    _delete_disk(ctx, a)
-
-
-def _delete_file(ctx: Context, a: dict[str, Any]) -> None:
-    handle = _on(ctx, a)
-    if handle.local:
-        Path(a["path"]).unlink(missing_ok=True)
-    else:
-        handle.storage.delete(Path(a["path"]))
-
-
-@step("seed.write", undo=_delete_file)
+@step("seed.write", undo=_delete_volume)
 def _write_seed(ctx: Context, a: dict[str, Any]) -> None:
     identity = Identity(**a["identity"])
     content = seed_content(identity, tuple(a["ssh_keys"]))
@@ -119,9 +107,9 @@ def _write_seed(ctx: Context, a: dict[str, Any]) -> None:
         handle.storage.put_file(local, Path(a["path"]))
 
 
-@step("file.delete", undo=nothing)
-def _delete_file_step(ctx: Context, a: dict[str, Any]) -> None:
-    _delete_file(ctx, a)
+# Two names, one action: jobs already written name either.
+step("disk.delete", undo=nothing)(_delete_volume)
+step("file.delete", undo=nothing)(_delete_volume)
 
 
 # -- the domain --------------------------------------------------------------------------
