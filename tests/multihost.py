@@ -33,7 +33,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -365,6 +365,16 @@ def _in_parallel(hosts: list[TestHost], action: Callable[[TestHost], None]) -> l
             if exc is not None:
                 errors.append(exc)
     return errors
+
+
+@contextlib.contextmanager
+def connection(uri: str) -> Iterator[libvirt.virConnect]:
+    """A libvirt connection to ``uri``, closed however the block ends."""
+    conn = libvirt.open(uri)
+    try:
+        yield conn
+    finally:
+        conn.close()
 
 
 def start_hosts(base: Path, count: int, first_address: int = 2) -> list[TestHost]:

@@ -32,6 +32,20 @@ class Stop(Exception):
     pass
 
 
+def send_first_chunk(source: Path, digest: str, pool: Pool, dest: Path, chunk: int) -> list[int]:
+    """Start sending, and crash right after the first chunk; the progress it reported."""
+    recorded: list[int] = []
+
+    def crash_after_first(done: int) -> None:
+        recorded.append(done)
+        raise Stop
+
+    with pytest.raises(Stop):
+        send_file(source, digest, pool.backend, dest, on_progress=crash_after_first,
+                  chunk=chunk)
+    return recorded
+
+
 @dataclass
 class Pool:
     backend: LibvirtPoolBackend
@@ -114,15 +128,7 @@ def test_interrupted_transfer_resumes_from_the_recorded_offset(pool: Pool) -> No
     digest = sparse_qcow2(source, "256M", [(0xAB, 0, "6M"), (0xEF, 100 * MiB, "3M")])
     size = source.stat().st_size
     dest = pool.root / "base-golden.qcow2"
-    recorded: list[int] = []
-
-    def crash_after_first(done: int) -> None:
-        recorded.append(done)
-        raise Stop
-
-    with pytest.raises(Stop):
-        send_file(source, digest, pool.backend, dest, on_progress=crash_after_first,
-                  chunk=2 * MiB)
+    recorded = send_first_chunk(source, digest, pool, dest, chunk=2 * MiB)
     assert recorded == [2 * MiB]
     assert not transfer_complete(pool.backend, dest)  # the marker says "incomplete"
 
@@ -179,15 +185,7 @@ def test_corrupted_destination_is_detected_and_removed(pool: Pool) -> None:
     source = pool.scratch / "golden.qcow2"
     digest = sparse_qcow2(source, "64M", [(0xAB, 0, "4M")])
     dest = pool.root / "base.qcow2"
-    recorded: list[int] = []
-
-    def crash_after_first(done: int) -> None:
-        recorded.append(done)
-        raise Stop
-
-    with pytest.raises(Stop):
-        send_file(source, digest, pool.backend, dest, on_progress=crash_after_first,
-                  chunk=MiB)
+    recorded = send_first_chunk(source, digest, pool, dest, chunk=MiB)
     with dest.open("r+b") as f:  # damage the bytes already sent, behind libvirt's back
         f.seek(4096)
         f.write(b"garbage!" * 512)

@@ -14,7 +14,7 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from tests.multihost import TestHost, start_hosts, stop_hosts
+from tests.multihost import TestHost, connection, start_hosts, stop_hosts
 
 MAIN = "qemu:///system"
 
@@ -33,15 +33,6 @@ def hosts() -> Iterator[list[TestHost]]:
             stop_hosts(found)
     finally:
         shutil.rmtree(base, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def connection(uri: str) -> Iterator[libvirt.virConnect]:
-    conn = libvirt.open(uri)
-    try:
-        yield conn
-    finally:
-        conn.close()
 
 
 def domain_names(uri: str) -> set[str]:

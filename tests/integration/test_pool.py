@@ -4,7 +4,6 @@ scheduler says; the claims in the store are checked against what libvirt reports
 
 from __future__ import annotations
 
-import contextlib
 import secrets
 import shutil
 import threading
@@ -12,7 +11,6 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
-import libvirt
 import pytest
 
 from corral.errors import CorralError
@@ -21,7 +19,7 @@ from corral.model import MachineSpec
 from corral.ops import provision
 from tests.integration.conftest import CorralEnv
 from tests.libvirt_cleanup import remove_prefixed
-from tests.multihost import TestHost, start_hosts, stop_hosts
+from tests.multihost import TestHost, connection, start_hosts, stop_hosts
 from tests.serving import import_appliance
 
 FIRST_ADDRESS = 5  # 127.0.0.5-7: apart from the fixture test's 127.0.0.2-4
@@ -63,15 +61,6 @@ def cleanup(pool: tuple[CorralEnv, list[TestHost]]) -> Iterator[CorralEnv]:
     finally:
         for m in env.json("vm", "list"):
             env.run("vm", "delete", "--force", m["name"], check=False)
-
-
-@contextlib.contextmanager
-def connection(uri: str) -> Iterator[libvirt.virConnect]:
-    conn = libvirt.open(uri)
-    try:
-        yield conn
-    finally:
-        conn.close()
 
 
 def domains_on(host: TestHost, prefix: str) -> dict[str, int]:
