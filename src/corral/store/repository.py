@@ -204,49 +204,26 @@ class Store:
         with self._tx() as s:
             row = s.get(HostRow, host.name)
             if row is None:
-                row = HostRow(name=host.name, enrolled_at=utcnow(), state=host.state.value,
-                              state_note=host.state_note, tags=sorted(host.placement.tags))
-                s.add(row)
-            row.uri = host.uri
-            row.facts = {
-                "hostname": host.facts.hostname,
-                "arch": host.facts.arch,
-                "cpu_model": host.facts.cpu_model,
-                "cpus": host.facts.cpus,
-                "memory_bytes": host.facts.memory_bytes,
-                "hypervisor": host.facts.hypervisor,
-                "hypervisor_version": host.facts.hypervisor_version,
-                "sockets": host.facts.sockets,
-                "cores": host.facts.cores,
-                "threads": host.facts.threads,
-            }
-            row.accelerator = host.accelerator.value
-            row.accelerator_note = host.accelerator_note
-            row.pool_name = host.pool_name
-            row.pool_path = host.pool_path
-            row.network = host.network
-            row.disk_bytes = host.disk_bytes
-            row.cpu_score = host.cpu_score
-            row.last_seen = host.last_seen
+                s.add(_new_host_row(host))
+            else:
+                _probed_into(row, host)
 
     def add_host(self, host: Host) -> None:
-        """Enrol a new host; Conflict if its name or URI is enrolled already."""
+        """Enrol a new host with its tags and ratios; Conflict if its name or URI is
+        enrolled already."""
         try:
             with self._tx() as s:
                 if s.get(HostRow, host.name) is not None:
                     raise Conflict(f"A host named '{host.name}' is already enrolled.",
                                    hint="Choose another name, or remove the old host first.")
-                s.add(HostRow(name=host.name, uri=host.uri, facts={}, accelerator="tcg",
-                              accelerator_note="", pool_name=host.pool_name,
-                              pool_path=host.pool_path, enrolled_at=utcnow(),
-                              network=host.network, tags=sorted(host.placement.tags),
-                              cpu_ratio=host.placement.cpu_ratio,
-                              memory_ratio=host.placement.memory_ratio,
-                              disk_ratio=host.placement.disk_ratio))
+                row = _new_host_row(host)
+                row.cpu_ratio = host.placement.cpu_ratio
+                row.memory_ratio = host.placement.memory_ratio
+                row.disk_ratio = host.placement.disk_ratio
+                s.add(row)
         except IntegrityError as exc:
             raise Conflict(f"A host with URI {host.uri} is already enrolled.",
                            hint="'corral host list' shows it under its name.") from exc
-        self.put_host(host)
 
     def set_host_state(self, name: str, state: HostState, note: str = "", *,
                        seen: bool = False) -> None:
@@ -373,11 +350,6 @@ class Store:
         with self._tx() as s:
             s.execute(delete(HostImageRow)
                       .where(HostImageRow.host == host, HostImageRow.image == image))
-
-    def images_on_host(self, host: str) -> list[HostImage]:
-        with self._read() as s:
-            q = select(HostImageRow).where(HostImageRow.host == host).order_by(HostImageRow.image)
-            return [_host_image(r) for r in s.scalars(q)]
 
     def find_host(self, name: str) -> Host | None:
         with self._read() as s:
@@ -908,6 +880,38 @@ class Store:
             return [
                 Event(r.id, r.at, r.kind, r.target, r.project, r.message) for r in s.scalars(q)
             ]
+
+
+def _new_host_row(host: Host) -> HostRow:
+    row = HostRow(name=host.name, enrolled_at=utcnow(), state=host.state.value,
+                  state_note=host.state_note, tags=sorted(host.placement.tags))
+    _probed_into(row, host)
+    return row
+
+
+def _probed_into(row: HostRow, host: Host) -> None:
+    """What a probe finds about a host; its state, tags and ratios are the operators'."""
+    row.uri = host.uri
+    row.facts = {
+        "hostname": host.facts.hostname,
+        "arch": host.facts.arch,
+        "cpu_model": host.facts.cpu_model,
+        "cpus": host.facts.cpus,
+        "memory_bytes": host.facts.memory_bytes,
+        "hypervisor": host.facts.hypervisor,
+        "hypervisor_version": host.facts.hypervisor_version,
+        "sockets": host.facts.sockets,
+        "cores": host.facts.cores,
+        "threads": host.facts.threads,
+    }
+    row.accelerator = host.accelerator.value
+    row.accelerator_note = host.accelerator_note
+    row.pool_name = host.pool_name
+    row.pool_path = host.pool_path
+    row.network = host.network
+    row.disk_bytes = host.disk_bytes
+    row.cpu_score = host.cpu_score
+    row.last_seen = host.last_seen
 
 
 def _host(row: HostRow | Row[*tuple[Any, ...]]) -> Host:
