@@ -120,3 +120,6 @@ class Machine:
     disk_claim: int = 0
     """Pool bytes reserved on the host: a full copy's size, or a linked clone's room to grow."""
     placement: PlacementHints = field(default_factory=PlacementHints)
+    kernel_image: str | None = None
+    """The library image whose kernel and initrd boot this machine when it has no image
+    of its own to boot from (an imported disk without a boot loader); ``None``: none."""

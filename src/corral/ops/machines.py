@@ -37,6 +37,7 @@ def machine_args(m: Machine) -> dict[str, Any]:
         "disk_claim": m.disk_claim,
         "placement": m.placement.to_json(),
         "group": m.placement.group,
+        "kernel_image": m.kernel_image,
     }
 
 
@@ -60,15 +61,24 @@ def machine_from_args(a: dict[str, Any]) -> Machine:
         disk_bytes=a.get("disk_bytes"),
         disk_claim=a.get("disk_claim", 0),
         placement=PlacementHints.from_json(a.get("placement", {}), a.get("group")),
+        kernel_image=a.get("kernel_image"),
     )
 
 
 def domain_plan(ctx: Context, machine: Machine, handle: HostHandle) -> DomainPlan:
+    """The domain of ``machine`` on ``handle``'s host.
+
+    A machine with a ``kernel_image`` boots that image's kernel and initrd, which must
+    already be on the host (``distribute.ensure_image``); its disk has no base.
+    """
     from corral.ops.distribute import image_on
 
     image = ctx.store.find_image(machine.image) if machine.image else None
     where = image_on(handle, image) if image is not None else None
     linked = where is not None and machine.clone is CloneMode.LINKED
+    kernel_boot = where.kernel_boot if where is not None else None
+    if kernel_boot is None and machine.kernel_image is not None:
+        kernel_boot = image_on(handle, ctx.store.get_image(machine.kernel_image)).kernel_boot
     return DomainPlan(
         name=machine.name,
         identity=machine.identity,
@@ -80,7 +90,7 @@ def domain_plan(ctx: Context, machine: Machine, handle: HostHandle) -> DomainPla
         seed_path=machine.seed_path,
         console_log=str(handle.console_log(machine.name)),
         network=handle.host.network,
-        kernel_boot=where.kernel_boot if where is not None else None,
+        kernel_boot=kernel_boot,
     )
 
 

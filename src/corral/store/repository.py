@@ -415,7 +415,9 @@ class Store:
 
     def machines_using_image(self, name: str) -> list[str]:
         with self._read() as s:
-            q = select(MachineRow.name).where(MachineRow.image == name).order_by(MachineRow.name)
+            q = (select(MachineRow.name)
+                 .where((MachineRow.image == name) | (MachineRow.kernel_image == name))
+                 .order_by(MachineRow.name))
             return list(s.scalars(q))
 
     # -- machines ----------------------------------------------------------------------
@@ -1057,6 +1059,7 @@ def _machine_values(m: Machine) -> dict[str, Any]:
         disk_claim=m.disk_claim,
         placement=m.placement.to_json(),
         placement_group=m.placement.group,
+        kernel_image=m.kernel_image,
     )
 
 
@@ -1081,6 +1084,7 @@ def _machine(row: MachineRow | Row[*tuple[Any, ...]]) -> Machine:
         disk_bytes=row.disk_bytes,
         disk_claim=row.disk_claim,
         placement=PlacementHints.from_json(row.placement, row.placement_group),
+        kernel_image=row.kernel_image,
     )
 
 

@@ -85,6 +85,10 @@ class MachineRow(Base):
     disk_claim: Mapped[int] = mapped_column(default=0)
     placement: Mapped[dict[str, Any]] = mapped_column(default=dict)
     placement_group: Mapped[str | None] = mapped_column(String(63), index=True)
+    # RESTRICT, like ``image``: the kernel an imported machine boots cannot be deleted.
+    kernel_image: Mapped[str | None] = mapped_column(
+        ForeignKey("images.name", ondelete="RESTRICT")
+    )
 
 
 class HostImageRow(Base):

@@ -149,6 +149,16 @@ def test_image_in_use_cannot_be_deleted(store: Store) -> None:
     assert store.find_image("base") is not None
 
 
+def test_kernel_image_is_kept_and_holds_its_image(store: Store) -> None:
+    """An imported machine without an image of its own still depends on its kernel's."""
+    store.add_machine(replace(machine("imp", "02:00:00:00:00:09", "u9"), image=None,
+                              clone=None, kernel_image="base"))
+    assert store.get_machine("imp").kernel_image == "base"
+    assert store.machines_using_image("base") == ["imp"]
+    with pytest.raises(Conflict, match="still used by: imp"):
+        store.delete_image("base")
+
+
 def test_job_steps_are_persisted_in_order(store: Store) -> None:
     job = store.create_job(
         "provision",
