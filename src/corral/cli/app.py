@@ -9,7 +9,8 @@ from typing import Annotated
 import typer
 from pydantic import ValidationError
 
-from corral.cli import accounts, hosts, images, jobs, login, placement, server, vms
+import corral.cli.exports
+from corral.cli import accounts, hosts, images, imports, jobs, login, placement, server, vms
 from corral.cli.backend import OPTIONS, local_only
 from corral.cli.common import OutputOpt, context
 from corral.cli.render import Output, emit, err, error
@@ -28,10 +29,12 @@ app.add_typer(vms.app, name="vm")
 app.add_typer(placement.app, name="placement")
 app.add_typer(placement.pool, name="pool")
 app.add_typer(jobs.app, name="job")
+app.add_typer(imports.app, name="import")
 app.add_typer(accounts.users, name="user")
 app.add_typer(accounts.projects, name="project")
 app.add_typer(accounts.tokens, name="token")
 app.command()(server.serve)
+app.command("export")(corral.cli.exports.export)
 app.command()(login.login)
 app.command()(login.logout)
 
