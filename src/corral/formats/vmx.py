@@ -274,9 +274,9 @@ def _devices(settings: Mapping[str, str], dropped: list[str]) -> None:
         if _true(settings, f"{prefix}.present"):
             model = settings.get(f"{prefix}.virtualdev")
             kind = f" ({model})" if model else ""
-            dropped.append(f"{what.capitalize()}{kind} was not carried over; Corral machines "
-                           "have no such device" + (" beyond their serial console."
-                                                    if prefix.startswith("serial") else "."))
+            beyond = " beyond its serial console" if prefix.startswith("serial") else ""
+            dropped.append(f"{what[0].upper()}{what[1:]}{kind} was not carried over; a Corral "
+                           f"machine has no such device{beyond}.")
     cores = settings.get("cpuid.corespersocket")
     if cores and cores.strip() not in ("", "1"):
         dropped.append(f"The CPU topology of {cores.strip()} cores per socket was not carried "
