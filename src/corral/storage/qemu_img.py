@@ -134,11 +134,14 @@ def convert(
     dst_fmt: ImageFormat | str,
     limits: QemuImgLimits,
     progress: Callable[[float], None] | None = None,
+    *,
+    options: Mapping[str, str] | None = None,
 ) -> None:
     """Copy ``src`` into a new image ``dst``; ``progress`` gets the percentage done (0-100).
 
-    Pre: ``dst`` does not exist (else Conflict). On any failure ``dst`` does not exist;
-    a full filesystem raises NoSpace, other failures StorageError.
+    ``options`` are the output format's creation options (``-o``), e.g. a VMDK's
+    ``subformat``. Pre: ``dst`` does not exist (else Conflict). On any failure ``dst``
+    does not exist; a full filesystem raises NoSpace, other failures StorageError.
     """
     src_fmt, dst_fmt = _format(src_fmt), _format(dst_fmt)
     try:
@@ -150,7 +153,11 @@ def convert(
         if exc.errno == errno.ENOSPC:
             raise NoSpace(f"The filesystem holding '{dst}' is full; free space and retry.") from exc
         raise StorageError(f"Cannot create '{dst}': {exc.strerror}.") from exc
-    args = ["convert", "-p", "-f", src_fmt, "-O", dst_fmt, _arg(src), _arg(dst)]
+    args = ["convert", "-p", "-f", src_fmt, "-O", dst_fmt]
+    if options:
+        # qemu's option syntax doubles a comma to escape it: no value can add an option.
+        args += ["-o", ",".join(f"{k}={v.replace(',', ',,')}" for k, v in options.items())]
+    args += [_arg(src), _arg(dst)]
     try:
         with tempfile.TemporaryFile() as stderr:
             proc = _popen(args, limits, stderr)
