@@ -10,6 +10,7 @@ import typer
 from pydantic import ValidationError
 
 import corral.cli.exports
+import corral.cli.ova  # registers "corral import ova" on the import app
 from corral.cli import accounts, hosts, images, imports, jobs, login, placement, server, vms
 from corral.cli.backend import OPTIONS, local_only
 from corral.cli.common import OutputOpt, context
