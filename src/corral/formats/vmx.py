@@ -208,8 +208,8 @@ def _disk(settings: Mapping[str, str], slot: _DiskSlot, dropped: list[str]) -> F
     file_name = settings.get(f"{key}.filename", "")
     device_type = settings.get(f"{key}.devicetype", "").lower()
     if not device_type:
-        # Without a deviceType VMware goes by the file: a VMDK is a disk.
-        device_type = "disk" if file_name.lower().endswith(".vmdk") else "cdrom-image"
+        # VMware's default is a hard disk; only an ISO image is taken for a CD.
+        device_type = "cdrom-image" if file_name.lower().endswith(".iso") else "disk"
     if device_type in _CDROM_TYPES:
         what = f" ('{file_name}')" if file_name and device_type == "cdrom-image" else ""
         dropped.append(f"{key} is a CD/DVD drive{what}; Corral imports disks only.")
