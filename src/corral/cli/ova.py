@@ -44,7 +44,8 @@ def import_ova(
     ) as bar:
         task = bar.add_task(f"checking {file.name}", total=None)
         # The staging folder sits in Corral's state dir, beside the library it feeds.
-        with unpacked_ova(file, ctx.settings.state_dir) as unpacked:
+        limit = ctx.settings.max_upload_bytes  # the same cap as an upload to the server
+        with unpacked_ova(file, ctx.settings.state_dir, max_bytes=limit) as unpacked:
             for note in unpacked.notes:
                 err.print(f"[yellow]{note}[/]", highlight=False)
             bar.update(task, description=f"converting the disk of {file.name}", total=100)
