@@ -247,7 +247,8 @@ def test_libvirt_export_is_defined_and_boots_on_a_bare_libvirtd(
     assert_same_disk_as_source(source, dest / f"{source.name}.qcow2", "qcow2")
     with connection(bare_host.uri) as conn:
         assert conn.listAllDomains(0) == []
-        dom = conn.defineXML(xml)  # as it is: no edits
+        # As it is, no edits; checked against libvirt's schema too (virsh define --validate).
+        dom = conn.defineXMLFlags(xml, libvirt.VIR_DOMAIN_DEFINE_VALIDATE)
         try:
             assert dom.UUIDString() == source.shown["uuid"]
             dom.createWithFlags(libvirt.VIR_DOMAIN_START_PAUSED)
