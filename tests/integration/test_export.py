@@ -188,6 +188,26 @@ def test_an_existing_file_is_never_overwritten(source: Source) -> None:
     assert [p.name for p in dest.iterdir()] == [f"{source.name}.ova"]
 
 
+def test_a_failed_export_leaves_nothing_behind(source: Source) -> None:
+    """The disk is written, then the kernel cannot be read: nothing of it may remain."""
+    with connection("qemu:///system") as conn:
+        kernel = Path(ET.fromstring(conn.lookupByName(source.name).XMLDesc(0)).findtext("os/kernel")
+                      or "")
+    assert kernel.is_file()
+    hidden = kernel.with_name(kernel.name + ".hidden-by-test")
+    dest = source.env.root / "failed"
+    dest.mkdir()
+    kernel.rename(hidden)
+    try:
+        result = source.env.run("export", source.name, "--format", "libvirt", "--output",
+                                str(dest), check=False)
+    finally:
+        hidden.rename(kernel)
+    assert result.returncode == 6, result.stderr  # StorageError
+    assert "Could not copy the kernel" in result.stderr and "Traceback" not in result.stderr
+    assert list(dest.iterdir()) == []  # neither the converted disk nor the staging folder
+
+
 # -- the libvirt export on a libvirtd without Corral ----------------------------------------
 
 

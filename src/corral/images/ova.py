@@ -15,6 +15,7 @@ are computed while the files are being written.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -127,7 +128,7 @@ def _create_exclusive(path: Path) -> IO[bytes]:
 
 
 def _os_failure(exc: OSError, what: str) -> Exception:
-    if exc.errno == 28:  # ENOSPC
+    if exc.errno == errno.ENOSPC:
         return NoSpace(f"The filesystem holding {what} is full; free space and retry.")
     return StorageError(f"Could not write {what}: {exc.strerror}.")
 

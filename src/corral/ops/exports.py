@@ -23,6 +23,7 @@ and moved into place only when complete; a failed export removes what it wrote.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import shutil
@@ -160,8 +161,7 @@ def _place(staging: Path, dest_dir: Path, names: dict[str, str]) -> dict[str, Pa
     try:
         for role, file_name in names.items():
             final = dest_dir / file_name
-            # link() refuses an existing name, where rename() would replace it.
-            os.link(staging / file_name, final)
+            _move_unless_taken(staging / file_name, final)
             placed[role] = final
     except BaseException as exc:
         for path in placed.values():
@@ -176,6 +176,19 @@ def _place(staging: Path, dest_dir: Path, names: dict[str, str]) -> dict[str, Pa
             raise StorageError(message) from exc
         raise
     return placed
+
+
+def _move_unless_taken(source: Path, dest: Path) -> None:
+    """Rename ``source`` to ``dest``, refusing (FileExistsError) if ``dest`` exists."""
+    try:
+        os.link(source, dest)  # link() refuses an existing name, where rename() replaces it
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP):
+            raise
+        # A filesystem without hard links: check, then rename (a race is merely unlikely).
+        if dest.exists() or dest.is_symlink():
+            raise FileExistsError(errno.EEXIST, "File exists", str(dest)) from exc
+        source.rename(dest)
 
 
 def _allocated(path: Path) -> int:
@@ -329,7 +342,7 @@ class _Export:
 
 
 def _os_error(exc: OSError, action: str) -> CorralError:
-    if exc.errno == 28:  # ENOSPC
+    if exc.errno == errno.ENOSPC:
         return NoSpace(f"Could not {action}: the filesystem is full; free space and retry.")
     return StorageError(f"Could not {action}: {exc.strerror}.")
 
