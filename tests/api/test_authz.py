@@ -163,6 +163,9 @@ ROWS = [
         _simple("POST", lambda w, r: f"/machines/{w.machine}/kill")),
     Row("POST", "/machines/{name}/clone", _p1_manager(202), lambda c, w, r: c.post(
         f"/machines/{w.machine}/clone", json={"name": w.n("clone", r)})),
+    # Moving machines between hosts is for admins; to the host it is on: 400, nothing moves.
+    Row("POST", "/machines/{name}/migrate", {**_admin_only(400), "op2": 404},
+        lambda c, w, r: c.post(f"/machines/{w.machine}/migrate", json={"to": "local"})),
     Row("GET", "/jobs", _everyone(200), _simple("GET", "/jobs")),
     Row("GET", "/jobs/{job_id}", _p1_reader(), _simple("GET", lambda w, r: f"/jobs/{w.job}")),
     Row("GET", "/jobs/{job_id}/stream", _p1_reader(),

@@ -195,6 +195,21 @@ def test_put_file_small_dense_file(env: Env) -> None:
     assert (env.root / "user-data.img").read_bytes() == source.read_bytes()
 
 
+def test_fetch_copies_a_volume_out_byte_for_byte_with_its_holes(env: Env) -> None:
+    overlay = env.root / "web-1.qcow2"
+    env.backend.linked_clone(make_base(env), overlay, 64 * MiB)
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0xcd 8M 3M", str(overlay)],
+                   check=True, capture_output=True)
+    fetched = env.scratch / "fetched.qcow2"
+    env.backend.fetch(overlay, fetched)
+    assert fetched.read_bytes() == overlay.read_bytes()  # the backing reference included
+    assert fetched.stat().st_blocks * 512 < 8 * MiB  # holes stayed holes
+    with pytest.raises(NotFound) as err:
+        env.backend.fetch(env.root / "missing.qcow2", env.scratch / "missing.qcow2")
+    one_sentence(err.value)
+    assert not (env.scratch / "missing.qcow2").exists()
+
+
 def test_read_tail_returns_the_last_bytes(env: Env) -> None:
     log = env.root / "web-1.log"
     text = b"".join(b"line %05d\n" % i for i in range(20_000))

@@ -304,6 +304,11 @@ class MachineClone(Strict):
     clone: CloneMode = CloneMode.LINKED
 
 
+class MachineMigrate(Strict):
+    to: Name | None = Field(default=None, description="Target host; null: the scheduler's pick.")
+    live: bool = Field(default=False, description="Move a running machine without stopping it.")
+
+
 class UsageOut(BaseModel):
     virtual_size: int
     owned_bytes: int

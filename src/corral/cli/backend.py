@@ -20,7 +20,15 @@ from rich.live import Live
 from rich.table import Table
 
 from corral.cli.common import context
-from corral.cli.render import err, host_dict, image_dict, job_dict, machine_dict, placement_dict
+from corral.cli.render import (
+    err,
+    host_dict,
+    image_dict,
+    job_dict,
+    machine_dict,
+    move_dict,
+    placement_dict,
+)
 from corral.errors import CorralError, InvalidInput, NotFound
 from corral.model import CloneMode, HostPlacement, ImageFormat, JobState, MachineSpec
 from corral.ops import hosts as host_ops
@@ -89,6 +97,10 @@ class Backend(Protocol):
         ...
     def explain_placement(self, spec: MachineSpec) -> Row: ...
     def rebalance(self, max_moves: int) -> list[Row]: ...
+    def migrate(self, name: str, to: str | None, live: bool, progress: Progress) -> Row: ...
+    def evacuate(self, host: str, on_move: Callable[[Row], None]) -> list[Row]: ...
+    def carry_out_rebalance(self, max_moves: int, on_move: Callable[[Row], None]) -> list[Row]:
+        ...
     def jobs(self, state: JobState | None, limit: int) -> list[Row]: ...
     def job(self, job_id: int) -> Row: ...
 
@@ -281,6 +293,28 @@ class LocalBackend:
         return [{"machine": m.machine, "source": m.source, "target": m.target,
                  "reason": m.reason, "spread_before": m.spread_before,
                  "spread_after": m.spread_after} for m in rebalance(self.ctx, max_moves)]
+
+    def migrate(self, name: str, to: str | None, live: bool, progress: Progress) -> Row:
+        from corral.ops import migrate
+
+        what = f"moving {name}" + (" live" if live else "")
+        self.ctx.on_progress = lambda pct: progress(what, pct)
+        try:
+            return move_dict(migrate.migrate(self.ctx, name, to=to, live=live))
+        finally:
+            self.ctx.on_progress = None
+
+    def evacuate(self, host: str, on_move: Callable[[Row], None]) -> list[Row]:
+        from corral.ops import migrate
+
+        moves = migrate.evacuate(self.ctx, host, lambda r: on_move(move_dict(r)))
+        return [move_dict(r) for r in moves.outcomes]
+
+    def carry_out_rebalance(self, max_moves: int, on_move: Callable[[Row], None]) -> list[Row]:
+        from corral.ops import migrate
+
+        moves = migrate.rebalance(self.ctx, max_moves, lambda r: on_move(move_dict(r)))
+        return [move_dict(r) for r in moves.outcomes]
 
     def jobs(self, state: JobState | None, limit: int) -> list[Row]:
         return [job_dict(j) for j in self.ctx.store.list_jobs(state, limit=limit)]

@@ -8,7 +8,15 @@ import typer
 
 from corral.cli.backend import HostRequest, backend, local_only
 from corral.cli.common import OutputOpt, context
-from corral.cli.render import Output, details_table, emit, hosts_table, out
+from corral.cli.render import (
+    Output,
+    details_table,
+    emit,
+    finish_moves,
+    hosts_table,
+    move_line,
+    out,
+)
 from corral.errors import InvalidInput
 from corral.model import HostPlacement
 from corral.ops import hosts as host_ops
@@ -89,6 +97,23 @@ def maintenance(
     with backend() as b:
         host = b.set_maintenance(name, on == "on")
     out.print(f"Host [bold]{name}[/] is {host['state']}.")
+
+
+@app.command()
+def evacuate(
+    name: Annotated[str, typer.Argument(help="host name")],
+    output: OutputOpt = Output.TABLE,
+) -> None:
+    """Put a host in maintenance and move every machine on it elsewhere.
+
+    Running machines move live, stopped ones cold; each goes where the scheduler
+    places it then, so anti-affinity and capacity hold. Exits 1 if any stayed.
+    """
+    with backend() as b:
+        rows = b.evacuate(name, lambda r: out.print(move_line(r)) if output is Output.TABLE
+                          else None)
+    if not finish_moves(rows, output, f"Host [bold]{name}[/] is empty and in maintenance."):
+        raise typer.Exit(1)
 
 
 @app.command()

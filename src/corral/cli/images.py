@@ -6,11 +6,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 
 from corral.cli.backend import ImportRequest, backend, local_only
 from corral.cli.common import OutputOpt, context
-from corral.cli.render import Output, details_table, emit, err, images_table, out
+from corral.cli.render import Output, details_table, emit, err, images_table, out, progress_bar
 from corral.model import ImageFormat
 from corral.ops import images as ops
 
@@ -48,15 +47,7 @@ def import_image(
 ) -> None:
     """Inspect an image and import it as a read-only qcow2 base."""
     request = ImportRequest(file, name, fmt, kernel, initrd, cmdline)
-    with backend(enroll=False) as b, Progress(
-        TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
-        TimeRemainingColumn(), console=err, transient=True,
-    ) as bar:
-        task = bar.add_task(f"importing {file.name}", total=100)
-
-        def progress(what: str, pct: float) -> None:
-            bar.update(task, description=what, completed=pct)
-
+    with backend(enroll=False) as b, progress_bar(f"importing {file.name}") as progress:
         image = b.import_image(request, progress)
     out.print(f"Imported [bold]{image['name']}[/] ({image['source_format']}, sha256 "
               f"{image['sha256'][:12]}…).")

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from corral.cli.backend import backend
 from corral.cli.common import OutputOpt
-from corral.cli.render import Output, emit, out
+from corral.cli.render import Output, emit, finish_moves, move_line, out
 from corral.errors import InvalidInput
 from corral.model import GroupPolicy, MachineSpec, PlacementHints
 from corral.model.units import parse_size
@@ -100,15 +100,20 @@ def explain(
 
 @pool.command()
 def rebalance(
-    dry_run: Annotated[
-        bool, typer.Option("--dry-run", help="compute the plan; move nothing (required)")
-    ] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="show the plan; move nothing")] = False,
     max_moves: Annotated[int, typer.Option(min=1, help="at most this many moves")] = 50,
     output: OutputOpt = Output.TABLE,
 ) -> None:
-    """Migrations that would narrow the load spread between hosts, under placement rules."""
+    """Even out the load: migrations that narrow the spread between hosts, under the
+    placement rules. Moves them (running machines live) unless --dry-run."""
     if not dry_run:
-        raise InvalidInput("Only the plan exists so far: run 'corral pool rebalance --dry-run'.")
+        with backend() as b:
+            rows = b.carry_out_rebalance(
+                max_moves, lambda r: out.print(move_line(r)) if output is Output.TABLE else None
+            )
+        if not finish_moves(rows, output, "The load is as even as the placement rules allow."):
+            raise typer.Exit(1)
+        return
     with backend() as b:
         rows = b.rebalance(max_moves)
     t = Table("MACHINE", "FROM", "TO", "SPREAD", "WHY", box=None)

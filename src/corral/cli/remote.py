@@ -489,6 +489,42 @@ class RemoteBackend:
         moves: list[Row] = self.api.get("/pool/rebalance")["moves"]
         return moves[:max_moves]
 
+    def migrate(self, name: str, to: str | None, live: bool, progress: Progress) -> Row:
+        started = time.monotonic()
+        before = self.api.get(f"/machines/{name}")
+        what = f"moving {name}" + (" live" if live else "")
+        end = self._run(self.api.post(f"/machines/{name}/migrate", {"to": to, "live": live}),
+                        lambda job: progress(what, 100 * float(job.get("progress") or 0)))
+        after = self.api.get(f"/machines/{name}")
+        return {"machine": name, "state": "moved", "source": before["host"],
+                "target": after["host"], "live": live,
+                "shared_storage": after["disk_path"] == before["disk_path"],
+                "seconds": round(time.monotonic() - started, 2), "job": end["id"]}
+
+    def evacuate(self, host: str, on_move: Callable[[Row], None]) -> list[Row]:
+        # The same moves the server's own evacuation makes: maintenance first, then each
+        # machine where the scheduler places it at that moment.
+        self.set_maintenance(host, True)
+        names = [m["name"] for m in self.api.get("/machines", host=host, limit=1000)["items"]]
+        return self._moves([(n, None) for n in names], on_move)
+
+    def carry_out_rebalance(self, max_moves: int, on_move: Callable[[Row], None]) -> list[Row]:
+        return self._moves([(m["machine"], m["target"]) for m in self.rebalance(max_moves)],
+                           on_move)
+
+    def _moves(self, moves: list[tuple[str, str | None]],
+               on_move: Callable[[Row], None]) -> list[Row]:
+        rows = []
+        for name, to in moves:
+            try:
+                live = self.api.get(f"/machines/{name}")["power"] in ("running", "paused")
+                row = self.migrate(name, to, live, lambda what, pct: None)
+            except errors.CorralError as exc:
+                row = {"machine": name, "state": "failed", "error": str(exc)}
+            on_move(row)
+            rows.append(row)
+        return rows
+
     def jobs(self, state: JobState | None, limit: int) -> list[Row]:
         page = self.api.get("/jobs", limit=limit, state=state.value if state else None)
         return [job_row(j) for j in page["items"]]

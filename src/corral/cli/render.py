@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from enum import StrEnum
 from typing import Any
 
 from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from corral.model import Host, Image, Job, Usage
 from corral.model.units import format_size
 from corral.ops.lifecycle import MachineStatus
+from corral.ops.migrate import MoveFailure, MoveResult
 
 # Piped output is for reading in full (less, grep): never squeeze it to 80 columns.
 out = Console(width=None if sys.stdout.isatty() else 240)
@@ -28,6 +31,19 @@ def error(message: object) -> None:
 class Output(StrEnum):
     TABLE = "table"
     JSON = "json"
+
+
+@contextmanager
+def progress_bar(description: str) -> Iterator[Callable[[str, float], None]]:
+    """A progress bar on stderr for one long operation; yields ``update(what, percent)``."""
+    with Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
+                  TimeRemainingColumn(), console=err, transient=True) as bar:
+        task = bar.add_task(description, total=100)
+
+        def update(what: str, percent: float) -> None:
+            bar.update(task, description=what, completed=percent)
+
+        yield update
 
 
 def emit(rows: Sequence[dict[str, Any]] | dict[str, Any], output: Output, table: Table) -> None:
@@ -84,6 +100,33 @@ def image_dict(i: Image) -> dict[str, Any]:
         "cmdline": i.kernel_boot.cmdline if i.kernel_boot else None,
         "created_at": i.created_at.isoformat(),
     }
+
+
+def move_dict(r: MoveResult | MoveFailure) -> dict[str, Any]:
+    """A migration's outcome: where the machine went, or why it stayed."""
+    if isinstance(r, MoveFailure):
+        return {"machine": r.machine, "state": "failed", "error": r.error}
+    return {"machine": r.machine, "state": "moved", "source": r.source, "target": r.target,
+            "live": r.live, "shared_storage": r.shared_storage,
+            "seconds": round(r.seconds, 2), "job": r.job}
+
+
+def move_line(r: dict[str, Any]) -> str:
+    """One migration's outcome as a line, printed as each move ends."""
+    if r["state"] == "failed":
+        return f"[red]✗[/] {r['machine']} stayed: {r['error']}"
+    how = "live" if r["live"] else "cold"
+    return f"[green]✓[/] {r['machine']}: {r['source']} → {r['target']} ({how}, {r['seconds']} s)"
+
+
+def finish_moves(rows: list[dict[str, Any]], output: Output, all_moved: str) -> bool:
+    """After many moves: JSON rows, or a last line. Whether every machine moved."""
+    failed = [r for r in rows if r["state"] == "failed"]
+    if output is Output.JSON:
+        print(json.dumps(rows, indent=2))
+    elif not failed:
+        out.print(all_moved if rows else "Nothing to move.")
+    return not failed
 
 
 def job_dict(job: Job) -> dict[str, Any]:

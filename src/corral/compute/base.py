@@ -18,6 +18,7 @@ Drivers are entry points in the ``corral.compute`` group, built-ins included; se
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from types import TracebackType
@@ -33,6 +34,30 @@ CONSOLE = "console"
 """``attach_console`` works: the driver can attach a terminal to a guest's serial port."""
 KERNEL_BOOT = "kernel-boot"
 """Plans with ``kernel_boot`` are honoured (QEMU loads the kernel, not the disk's loader)."""
+LIVE_MIGRATION = "live-migration"
+"""``migrate_live`` works: a running domain moves to another host of the same driver."""
+
+
+@dataclass(frozen=True, slots=True)
+class LiveMigration:
+    """Where and how a running domain moves (see ``ComputeDriver.migrate_live``)."""
+
+    dest_uri: str
+    """The target host's URI, as the source host reaches it (the source drives the move)."""
+    data_address: str
+    """The target's address for the migration stream (memory, and disks when copied)."""
+    paths: Mapping[str, str]
+    """Every file the domain names -> its name on the target; absent: the same name."""
+    network: str | None
+    """The network the domain's interfaces join on the target."""
+    copy_disks: tuple[str, ...] = ()
+    """Guest disks (``vda``…) whose contents travel with the memory; empty when the
+    target reads the very same files (shared storage)."""
+    incremental: bool = True
+    """For copied disks: the target already holds their backing files, so only each
+    disk's top layer travels. The target files must exist, empty, before the move."""
+    bandwidth_mib: int = 0
+    """MiB/s the move may use; 0: no limit."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +198,19 @@ class ComputeDriver(abc.ABC):
         raw mode and always restored. Returns when the user detaches or the domain
         stops. The caller keeps ownership of both descriptors. Raises Conflict if the
         domain is not running or another console session holds it.
+        """
+
+    @abc.abstractmethod
+    def migrate_live(
+        self, name: str, move: LiveMigration, on_progress: Callable[[float], None]
+    ) -> None:
+        """Move the running domain ``name`` to ``move.dest_uri`` without stopping it.
+
+        Requires LIVE_MIGRATION. On return the domain runs on the target, defined there
+        persistently, and is gone from this host. On failure (raised as a Corral error)
+        it still runs here, as before, and the target holds no domain of that name.
+        ``on_progress`` receives the fraction of the data sent, now and then, from
+        another thread. Raises Conflict if the domain is not running.
         """
 
     # -- conveniences with a default --------------------------------------------------

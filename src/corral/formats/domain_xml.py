@@ -10,7 +10,7 @@ empty value), and safe: a document with a DOCTYPE, hence with entities, is refus
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, NoReturn
 from xml.parsers import expat
@@ -387,3 +387,35 @@ def parse_domain_xml(xml: str) -> ParsedDomain:
         hostname=_text(machine.find(_HOSTNAME)) if machine is not None else None,
         instance_id=_text(machine.find(_INSTANCE_ID)) if machine is not None else None,
     )
+
+
+# -- moving a domain to another host -------------------------------------------------------
+
+
+def relocate_domain_xml(xml: str, paths: Mapping[str, str], network: str | None) -> str:
+    """``xml`` (a live domain's definition) as it must read on another host.
+
+    Every file the domain names — disk sources and their backing stores, the kernel and
+    initrd, the serial log — is renamed through ``paths`` (names not in it stay), and
+    interfaces on a libvirt network join ``network``. Nothing else changes: libvirt
+    refuses a destination definition whose guest-visible hardware differs.
+    """
+    root = safe_fromstring(xml)
+    if root.tag != "domain":
+        raise InvalidInput(f"Expected a <domain> document, not <{root.tag}>.")
+    for source in root.iter("source"):
+        old = source.get("file")
+        if old is not None and old in paths:
+            source.set("file", paths[old])
+    for tag in ("kernel", "initrd"):
+        for el in root.iterfind(f"os/{tag}"):
+            if el.text is not None and el.text.strip() in paths:
+                el.text = paths[el.text.strip()]
+    for log_el in root.iterfind("devices/*/log"):
+        old = log_el.get("file")
+        if old is not None and old in paths:
+            log_el.set("file", paths[old])
+    if network is not None:
+        for nic in root.iterfind("devices/interface[@type='network']/source"):
+            nic.set("network", network)
+    return ET.tostring(root, encoding="unicode") + "\n"

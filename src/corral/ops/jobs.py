@@ -8,7 +8,10 @@ it can take, the process that owned it is dead, and the job is recovered:
 
 - kinds that create something (provision, clone) roll back: the started and done
   steps are compensated in reverse order;
-- kinds that remove something (delete) roll forward: the remaining steps run again.
+- kinds that remove something (delete) roll forward: the remaining steps run again;
+- kinds that move something (migrate) have a *pivot* step: they roll back until it is
+  done and forward after it. When a job died in the middle of its pivot, the pivot's
+  ``settle`` asks the facts (libvirt, the store) whether it took effect.
 
 Every ``run`` and ``undo`` is idempotent, because a crash can come between doing a
 thing and recording that it was done.
@@ -17,6 +20,7 @@ thing and recording that it was done.
 from __future__ import annotations
 
 import fcntl
+import importlib
 import logging
 import os
 import secrets
@@ -44,35 +48,44 @@ class Recovery(StrEnum):
     ROLL_FORWARD = "roll-forward"
 
 
+Settle = Callable[["Context", dict[str, Any]], bool]
+
+
 @dataclass(frozen=True, slots=True)
 class StepKind:
     name: str
     run: StepFn
     undo: StepFn
+    settle: Settle | None = None
+    """For a pivot step: whether it took effect, when it was interrupted."""
 
 
 @dataclass(frozen=True, slots=True)
 class JobKind:
     name: str
     recovery: Recovery
+    pivot: str | None = None
+    """The step after which a ROLL_BACK kind can only go forward."""
 
 
 _STEPS: dict[str, StepKind] = {}
 _JOBS: dict[str, JobKind] = {}
 
 
-def step(name: str, *, undo: StepFn) -> Callable[[StepFn], StepFn]:
+def step(name: str, *, undo: StepFn, settle: Settle | None = None) -> Callable[[StepFn], StepFn]:
     """Register a step kind: ``@step("disk.create", undo=delete_disk)``."""
 
     def register(run: StepFn) -> StepFn:
-        _STEPS[name] = StepKind(name, run, undo)
+        _STEPS[name] = StepKind(name, run, undo, settle)
         return run
 
     return register
 
 
-def job_kind(name: str, recovery: Recovery) -> JobKind:
-    kind = JobKind(name, recovery)
+def job_kind(name: str, recovery: Recovery, pivot: str | None = None) -> JobKind:
+    if pivot is not None and _STEPS.get(pivot, StepKind("", nothing, nothing)).settle is None:
+        raise ValueError(f"pivot step {pivot} is not registered with a settle function")
+    kind = JobKind(name, recovery, pivot)
     _JOBS[name] = kind
     return kind
 
@@ -153,10 +166,12 @@ def execute_job(ctx: Context, job: Job) -> Job:
             done = position
         ctx.store.advance_job(job.id, done=done, started=None)
     except BaseException as exc:
-        if kind.recovery is Recovery.ROLL_BACK:
+        if kind.recovery is Recovery.ROLL_BACK and not _past_pivot(ctx, kind, job.id):
             _roll_back(ctx, ctx.store.get_job(job.id))
             ctx.store.finish_job(job.id, JobState.ROLLED_BACK, _describe(exc))
         else:
+            # Past a pivot, going back would undo what took effect: what is left stays
+            # failed, to be retried, with the record telling where the thing now is.
             ctx.store.finish_job(job.id, JobState.FAILED, _describe(exc))
         _announce(ctx, job, "failed", f"{job.kind} of {job.target} failed: {_describe(exc)}")
         raise
@@ -169,24 +184,56 @@ def _announce(ctx: Context, job: Job, what: str, message: str) -> None:
     ctx.store.add_event(f"job.{what}", job.target, message, job.project)
 
 
+JOB_MODULES = (
+    "corral.ops.provision", "corral.ops.lifecycle", "corral.ops.images", "corral.ops.migrate",
+)
+"""Where the job and step kinds are registered: a recovery may meet any of them, whatever
+command happens to run it. A module that adds a job kind adds itself here."""
+
+
 def recover_abandoned(ctx: Context) -> list[Job]:
     """Finish or roll back every job whose process died. Returns the jobs recovered."""
     recovered = []
-    for job in ctx.store.list_jobs((JobState.PENDING, JobState.RUNNING), limit=1000):
+    pending = ctx.store.list_jobs((JobState.PENDING, JobState.RUNNING), limit=1000)
+    if pending:
+        for module in JOB_MODULES:
+            importlib.import_module(module)
+    for job in pending:
         lock_path = ctx.settings.lock_dir / job.owner
         with _try_lock(lock_path) as free:
             if not free:
                 continue  # its process is alive and still working on it
             kind = _JOBS.get(job.kind)
-            if kind is None or kind.recovery is Recovery.ROLL_BACK:
+            if kind is None or (kind.recovery is Recovery.ROLL_BACK
+                                and not _past_pivot(ctx, kind, job.id)):
                 _roll_back(ctx, job)
                 ctx.store.finish_job(job.id, JobState.ROLLED_BACK, "interrupted; rolled back")
             else:
-                _roll_forward(ctx, job)
+                _roll_forward(ctx, ctx.store.get_job(job.id))
                 ctx.store.finish_job(job.id, JobState.SUCCEEDED, "interrupted; finished")
             recovered.append(ctx.store.get_job(job.id))
         lock_path.unlink(missing_ok=True)
     return recovered
+
+
+def _past_pivot(ctx: Context, kind: JobKind, job_id: int) -> bool:
+    """Whether the job's pivot took effect; settles one that was interrupted."""
+    if kind.pivot is None:
+        return False
+    job = ctx.store.get_job(job_id)
+    for position, st in enumerate(job.steps):
+        if st.name != kind.pivot:
+            continue
+        if st.state is StepState.DONE:
+            return True
+        if st.state is StepState.STARTED:
+            settle = _STEPS[st.name].settle
+            assert settle is not None  # checked by job_kind
+            if settle(ctx, st.args):
+                ctx.store.set_step_state(job_id, position, StepState.DONE)
+                return True
+        return False
+    return False
 
 
 def _roll_back(ctx: Context, job: Job) -> None:

@@ -30,13 +30,14 @@ def scheduler(ctx: Context, mode: str | None = None) -> Scheduler:
     return Scheduler(load_filters(), load_weighers(), weighting)
 
 
-def inventory(ctx: Context, only: str | None = None) -> Inventory:
-    """Every enrolled host as the scheduler sees it now (or just ``only``)."""
+def inventory(ctx: Context, only: str | None = None, *, exclude: str | None = None) -> Inventory:
+    """Every enrolled host as the scheduler sees it now (or just ``only``; never
+    ``exclude``, the host a machine moves away from)."""
     local_images = frozenset(i.name for i in ctx.store.list_images())
     views = [
         host_view(ctx, load, local_images)
         for load in ctx.store.pool_snapshot()
-        if only is None or load.host.name == only
+        if (only is None or load.host.name == only) and load.host.name != exclude
     ]
     if only is not None and not views:
         ctx.store.get_host(only)  # NotFound, with its hint

@@ -74,6 +74,12 @@ class StorageBackend(abc.ABC):
         """
 
     @abc.abstractmethod
+    def fetch(self, path: Path, local_dest: Path) -> None:
+        """Copy the volume or file at ``path`` byte for byte to the new local file
+        ``local_dest``, holes kept as holes. Raises NotFound if ``path`` is missing; on
+        failure ``local_dest`` does not exist."""
+
+    @abc.abstractmethod
     def read_tail(self, path: Path, max_bytes: int) -> bytes:
         """The last ``max_bytes`` bytes of the file at ``path`` (all of it if shorter).
 

@@ -175,6 +175,25 @@ class LibvirtPoolBackend(StorageBackend):
                 self._discard(dest)
                 raise
 
+    def fetch(self, path: Path, local_dest: Path) -> None:
+        with self._translated(f"fetch {path}"):
+            vol = self._volume(path)
+            stream = self._conn().newStream(0)
+            vol.download(stream, 0, 0, libvirt.VIR_STORAGE_VOL_DOWNLOAD_SPARSE_STREAM)
+            try:
+                with local_dest.open("xb") as out:
+                    for data, hole in _receive(stream):
+                        if hole:
+                            out.seek(hole, os.SEEK_CUR)
+                        else:
+                            out.write(data)
+                    out.truncate()  # a trailing hole: the seek alone does not extend the file
+                stream.finish()
+            except BaseException:
+                _abort(stream)
+                local_dest.unlink(missing_ok=True)
+                raise
+
     def read_tail(self, path: Path, max_bytes: int) -> bytes:
         with self._translated(f"read {path}"):
             vol = self._volume(path)

@@ -98,6 +98,11 @@ class Qcow2DirBackend(StorageBackend):
             raise Conflict(f"Cannot place {source.name} at {dest}: the file already exists.")
         self.copy(source, dest)
 
+    def fetch(self, path: Path, local_dest: Path) -> None:
+        if not path.exists():
+            raise NotFound("volume", str(path))
+        self.copy(path, local_dest)
+
     def read_tail(self, path: Path, max_bytes: int) -> bytes:
         try:
             with path.open("rb") as f:

@@ -191,6 +191,17 @@ def resize(path: Path, fmt: ImageFormat | str, size: int, limits: QemuImgLimits)
         raise StorageError(_failure(proc, f"resize '{path}' to {size} bytes", limits))
 
 
+def set_backing(path: Path, backing: Path, limits: QemuImgLimits) -> None:
+    """Point the qcow2 overlay at ``path`` to ``backing`` by rewriting its header only.
+
+    For a base that moved (same bytes, another name): no data is read or compared.
+    """
+    proc = _run(["rebase", "-u", "-f", "qcow2", "-F", "qcow2", "-b", _arg(backing), _arg(path)],
+                limits)
+    if proc.returncode != 0:
+        raise StorageError(_failure(proc, f"point '{path}' at base '{backing}'", limits))
+
+
 def _format(fmt: ImageFormat | str) -> ImageFormat:
     try:
         return ImageFormat(fmt)

@@ -551,6 +551,32 @@ class Store:
                 update(MachineRow).where(MachineRow.name == name).values(record_state=state.value)
             )
 
+    def move_machine(self, moved: Machine, overcommit: Overcommit | None) -> None:
+        """Record that the machine (same name and UUID) now lives on ``moved.host`` with
+        ``moved``'s files: its claim moves with it. Idempotent.
+
+        With ``overcommit``, the target host row is locked and its capacity checked
+        without the machine's own claim (ClaimRefused if it cannot hold it); ``None``
+        records a move that already happened, whatever the room.
+        """
+        with self._tx() as s:
+            row = s.execute(
+                select(MachineRow.host).where(
+                    MachineRow.name == moved.name, MachineRow.uuid == moved.identity.uuid
+                ).with_for_update()
+            ).first()
+            if row is None:
+                raise NotFound("machine", moved.name)
+            if row.host == moved.host:
+                return
+            if overcommit is not None:
+                _claim(s, moved, overcommit)
+            s.execute(
+                update(MachineRow).where(MachineRow.name == moved.name).values(
+                    host=moved.host, disk_path=moved.disk_path, seed_path=moved.seed_path,
+                )
+            )
+
     def forget_machine(self, name: str, uuid: str) -> None:
         """Delete the record of this machine, never a namesake. Idempotent."""
         with self._tx() as s:

@@ -23,6 +23,7 @@ from corral.formats.domain_xml import (
     ParsedInterface,
     build_domain_xml,
     parse_domain_xml,
+    relocate_domain_xml,
 )
 from corral.model import Accelerator, DomainPlan, Identity, KernelBoot
 
@@ -406,3 +407,37 @@ def test_malformed_xml_is_invalid_input(xml: str) -> None:
 def test_other_documents_are_refused() -> None:
     with pytest.raises(InvalidInput, match="<network>"):
         parse_domain_xml("<network><name>x</name></network>")
+
+
+# -- relocation: the same domain as another host must read it ------------------------------
+
+
+def test_relocation_renames_every_file_and_the_network_and_nothing_else() -> None:
+    old, new = "/var/lib/corral/", "/srv/pool-b/"
+    paths = {p: p.replace(old, new) for p in (
+        KERNEL_LINKED.disk_path, KERNEL_LINKED.disk_backing, KERNEL_LINKED.seed_path,
+        KERNEL_LINKED.console_log, KERNEL_LINKED.kernel_boot.kernel,  # type: ignore[union-attr]
+        KERNEL_LINKED.kernel_boot.initrd,  # type: ignore[union-attr]
+    )}
+    moved = parse_domain_xml(relocate_domain_xml(build_domain_xml(KERNEL_LINKED), paths, "b-net"))
+    here = parse_domain_xml(build_domain_xml(KERNEL_LINKED))
+    disk = moved.disk("vda")
+    assert disk is not None and disk.source == paths[KERNEL_LINKED.disk_path]
+    assert disk.backing == (paths[KERNEL_LINKED.disk_backing],)  # type: ignore[index]
+    assert moved.disk("vdb").source == paths[KERNEL_LINKED.seed_path]  # type: ignore[union-attr]
+    assert moved.console_log == paths[KERNEL_LINKED.console_log]
+    assert moved.kernel_boot is not None and here.kernel_boot is not None
+    assert moved.kernel_boot.kernel.startswith(new) and moved.kernel_boot.initrd.startswith(new)  # type: ignore[union-attr]
+    assert moved.kernel_boot.cmdline == here.kernel_boot.cmdline
+    assert [i.network for i in moved.interfaces] == ["b-net"]
+    # the guest-visible machine is the same: identity, size, devices
+    assert (moved.name, moved.uuid, moved.cpus, moved.memory_bytes, moved.macs) == (
+        here.name, here.uuid, here.cpus, here.memory_bytes, here.macs)
+    assert [d.target for d in moved.disks] == [d.target for d in here.disks]
+
+
+def test_relocation_leaves_unmapped_files_and_refuses_a_doctype() -> None:
+    xml = build_domain_xml(DISK_FULL_KVM)
+    assert parse_domain_xml(relocate_domain_xml(xml, {}, None)) == parse_domain_xml(xml)
+    with pytest.raises(InvalidInput):
+        relocate_domain_xml('<!DOCTYPE d [<!ENTITY x "y">]><domain/>', {}, None)

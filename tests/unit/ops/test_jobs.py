@@ -111,3 +111,81 @@ def test_a_live_job_is_left_alone(tmp_path: Path) -> None:
     with context(tmp_path) as ctx:
         job = run_job(ctx, CREATE, "t", [PlannedStep("test.peek")])
     assert seen == [[]] and job.state is JobState.SUCCEEDED
+
+
+# -- jobs with a pivot: back before it, forward after it ---------------------------------
+
+
+def _took_effect(_ctx: Context, a: dict[str, Any]) -> bool:
+    return Path(a["path"]).exists()
+
+
+def _pivot_then_die(_ctx: Context, a: dict[str, Any]) -> None:
+    Path(a["path"]).write_text("x")
+    if a.get("die"):
+        os.kill(os.getpid(), signal.SIGKILL)  # the pivot took effect, unrecorded
+
+
+def _die_before_effect(_ctx: Context, a: dict[str, Any]) -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+step("test.pivot", undo=_remove, settle=_took_effect)(_pivot_then_die)
+step("test.pivot-dies-first", undo=_remove, settle=_took_effect)(_die_before_effect)
+MOVE = job_kind("test-move", Recovery.ROLL_BACK, pivot="test.pivot")
+MOVE_EARLY = job_kind("test-move-early", Recovery.ROLL_BACK, pivot="test.pivot-dies-first")
+
+
+def _run_move_in_child(tmp_path: Path, kind: Any, steps: list[PlannedStep]) -> int:
+    def child() -> None:
+        with context(tmp_path) as ctx:
+            run_job(ctx, kind, "t", steps)
+
+    proc = multiprocessing.get_context("fork").Process(target=child)
+    proc.start()
+    proc.join(30)
+    return proc.exitcode or 0
+
+
+def test_a_failure_after_the_pivot_is_not_undone(tmp_path: Path) -> None:
+    before, pivot, after = (tmp_path / n for n in ("before", "pivot", "after"))
+    with context(tmp_path) as ctx, pytest.raises(RuntimeError):
+        run_job(ctx, MOVE, "t", [PlannedStep("test.touch", {"path": str(before)}),
+                                 PlannedStep("test.pivot", {"path": str(pivot)}),
+                                 PlannedStep("test.boom", {"path": str(after)})])
+    assert before.exists() and pivot.exists()  # what took effect stays
+    with context(tmp_path) as ctx:
+        (job,) = ctx.store.list_jobs()
+        assert job.state is JobState.FAILED
+
+
+def test_a_job_killed_inside_its_pivot_is_settled_by_the_facts(tmp_path: Path) -> None:
+    before, pivot, after = (tmp_path / n for n in ("before", "pivot", "after"))
+    code = _run_move_in_child(tmp_path, MOVE, [
+        PlannedStep("test.touch", {"path": str(before)}),
+        PlannedStep("test.pivot", {"path": str(pivot), "die": True}),
+        PlannedStep("test.touch", {"path": str(after)}),
+    ])
+    assert code == -signal.SIGKILL and pivot.exists() and not after.exists()
+    with context(tmp_path) as ctx:
+        (job,) = recover_abandoned(ctx)
+    # the pivot had taken effect: the job is finished, not undone
+    assert job.state is JobState.SUCCEEDED
+    assert before.exists() and pivot.exists() and after.exists()
+
+
+def test_a_job_killed_before_its_pivot_took_effect_rolls_back(tmp_path: Path) -> None:
+    before, pivot = tmp_path / "before", tmp_path / "pivot"
+    code = _run_move_in_child(tmp_path, MOVE_EARLY, [
+        PlannedStep("test.touch", {"path": str(before)}),
+        PlannedStep("test.pivot-dies-first", {"path": str(pivot)}),
+    ])
+    assert code == -signal.SIGKILL
+    with context(tmp_path) as ctx:
+        (job,) = recover_abandoned(ctx)
+    assert job.state is JobState.ROLLED_BACK and not before.exists()
+
+
+def test_a_pivot_needs_a_settle_function() -> None:
+    with pytest.raises(ValueError, match="settle"):
+        job_kind("test-no-settle", Recovery.ROLL_BACK, pivot="test.touch")

@@ -22,6 +22,7 @@ from corral.api.schemas import (
     MachineClone,
     MachineCreate,
     MachineDetail,
+    MachineMigrate,
     MachineOut,
     Name,
     Page,
@@ -34,6 +35,7 @@ from corral.api.services import Services
 from corral.errors import NotFound
 from corral.model import Machine, MachineSpec, PlacementHints, RecordState
 from corral.ops import lifecycle, provision
+from corral.ops import migrate as move_ops
 from corral.ops.accounts import Principal
 from corral.ops.context import Context
 from corral.ops.jobs import execute_job
@@ -237,6 +239,20 @@ def clone(name: Name, body: MachineClone, caller: Caller, svc: ServicesDep) -> A
     caller.require_manage(source.project)
     job = lifecycle.prepare_clone(svc.ctx, name, body.name, body.clone)
     svc.worker.submit(f"cloning {name}", execute_job, svc.ctx, job)
+    return Accepted(jobs=[JobOut.of(job)])
+
+
+@router.post(
+    "/{name}/migrate", status_code=202, summary="Move a machine to another host (admins)",
+    responses={**_ACCEPTED, **documented(409)},
+)
+def migrate(name: Name, body: MachineMigrate, caller: Caller, svc: ServicesDep) -> Accepted:
+    """Stopped machines move cold, running ones with ``live``. Which host runs what is
+    the operators' of the pool to decide, like ``host`` on creation: admins only."""
+    visible(svc.ctx, caller, name)
+    caller.require_admin()
+    job, _plan = move_ops.prepare_migration(svc.ctx, name, to=body.to, live=body.live)
+    svc.worker.submit(f"moving {name}", execute_job, svc.ctx, job)
     return Accepted(jobs=[JobOut.of(job)])
 
 
