@@ -357,3 +357,44 @@ def test_a_physical_disk_and_a_raw_image_are_captured_into_the_library(
     _qemu_img("create", "-f", "qcow2", str(qcow), "8M")
     result = env.run("import", "disk", str(qcow), "--name", env.name("q"), check=False)
     assert result.returncode == 5 and "corral image import" in result.stderr
+
+
+def test_an_import_to_another_host_is_converted_here_and_sent_there(
+    with_appliance: CorralEnv, appliance: ApplianceArtifacts
+) -> None:
+    """The remote pool is reached through libvirt only: the disk is converted on the
+    controller, sent with its checksum verified, and the appliance's kernel copied."""
+    from tests.libvirt_cleanup import remove_prefixed
+    from tests.multihost import start_hosts, stop_hosts
+
+    env = with_appliance
+    folder = env.root / "vm"
+    folder.mkdir()
+    _vmdk(appliance.disk, folder / "disk.vmdk", "streamOptimized")
+    uuid, mac = "564d0007-7777-4aaa-8bbb-000000000007", "00:0c:29:00:00:07"
+    vmx = _vmx(folder, "disk.vmdk", uuid=uuid, mac=mac, name="remote")
+    hosts = start_hosts(env.root, 1, first_address=17)  # 127.0.0.17: no other test's
+    host = hosts[0]
+    name = env.name("remote")
+    try:
+        pool = env.root / host.name / "pool"
+        env.run("host", "add", host.name, host.uri, "--pool-path", str(pool),
+                "--network", env.name(host.name), "--accelerator", "tcg")
+        result = env.run("import", "vmx", str(vmx), "--name", name, "--kernel-from",
+                         "appliance")
+        assert f"on host {host.name}" in result.stdout and f"MAC kept: {mac}" in result.stdout
+        machine = env.json("vm", "show", name)
+        assert machine["host"] == host.name and machine["disk_path"].startswith(str(pool))
+        deadline = time.monotonic() + BOOT_TIMEOUT
+        console = pool / f"{name}.console.log"
+        while time.monotonic() < deadline and read_ready(console) is None:
+            time.sleep(0.5)
+        report = read_ready(console)
+        assert report is not None and report.mac == mac
+        env.run("vm", "delete", "--force", name)
+        assert not any(p.name.startswith(name) for p in pool.iterdir())
+    finally:
+        _delete_all(env)
+        if host.running:
+            remove_prefixed(host.uri, env.prefix)
+        stop_hosts(hosts)
