@@ -6,7 +6,7 @@ as a single sparse VMDK and split into 2 GiB extents. Corral's side is the whole
 conversion into the pool, the record and the domain. The baseline converts the same
 file with `qemu-img convert -f vmdk -O qcow2`. Runs alternate, each after a `sync` so
 that neither pays for the other's writeback, and both read a warm page cache; median
-and best of 7. Throughput ratio = baseline time / Corral's time.
+and best of 7. Throughput ratio = baseline time / Corral's time, per back-to-back pair.
 """
 
 from __future__ import annotations
@@ -75,5 +75,7 @@ def run() -> None:
                 f"{mine:.2f} s", f"{mib / mine:.0f} MiB/s virtual, best {min(ours):.2f} s")
             row("  qemu-img convert of the same file", f"{base:.2f} s",
                 f"{mib / base:.0f} MiB/s, best {min(theirs):.2f} s")
-            row("  throughput ratio, median (best)", f"{base / mine:.2f}×",
+            # Each pair ran back to back, under the same load from whatever else runs.
+            paired = statistics.median(t / o for t, o in zip(theirs, ours, strict=True))
+            row("  throughput ratio, median of pairs (best)", f"{paired:.2f}×",
                 f"({min(theirs) / min(ours):.2f}×)  goal ≥ 0.95")
