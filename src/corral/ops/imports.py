@@ -78,7 +78,6 @@ from corral.ops.jobs import (
     execute_job,
     job_kind,
     prepare_job,
-    step,
 )
 from corral.ops.machines import machine_args
 from corral.storage import qemu_img
@@ -277,24 +276,18 @@ def convert_disk(source: dict[str, Any], dest: Path, limits: QemuImgLimits,
         qemu_img.convert(written, fmt, dest, "qcow2", limits, progress)
 
 
-def _delete_disk(ctx: Context, a: dict[str, Any]) -> None:
-    ctx.on(a["host"]).storage.delete(Path(a["path"]))
-
-
-@step("disk.import", undo=_delete_disk)
-def _import_disk(ctx: Context, a: dict[str, Any]) -> None:
-    """The foreign disk converted to a standalone qcow2 at ``path`` in the host's pool."""
-    handle = ctx.on(a["host"])
-    dest = Path(a["path"])
+def convert_into_pool(ctx: Context, handle: HostHandle, disk: dict[str, Any], dest: Path) -> None:
+    """The ``disk.import`` step (registered in ``ops.steps``, which every process that
+    recovers jobs loads): the vetted disk converted to a standalone qcow2 at ``dest``."""
     handle.storage.delete(dest)  # a crash may have left a partial one
     if handle.local:
-        convert_disk(a["disk"], dest, ctx.limits, ctx.on_progress)
+        convert_disk(disk, dest, ctx.limits, ctx.on_progress)
         return
     # A remote host's pool is reached through libvirt only: convert here, then send the
     # qcow2 (sparse, verified by its checksum).
     with tempfile.TemporaryDirectory(dir=ctx.settings.state_dir, prefix="import-") as tmp:
         local = Path(tmp) / dest.name
-        convert_disk(a["disk"], local, ctx.limits, ctx.on_progress)
+        convert_disk(disk, local, ctx.limits, ctx.on_progress)
         send_file(local, _sha256(local), handle.storage, dest)
 
 

@@ -92,6 +92,14 @@ def _copy_disk(ctx: Context, a: dict[str, Any]) -> None:
     storage.copy(src, dest)
 
 
+@step("disk.import", undo=_delete_volume)
+def _import_disk(ctx: Context, a: dict[str, Any]) -> None:
+    """A foreign machine's vetted disk converted to a standalone qcow2 (ops.imports)."""
+    from corral.ops.imports import convert_into_pool
+
+    convert_into_pool(ctx, _on(ctx, a), a["disk"], Path(a["path"]))
+
+
 @step("seed.write", undo=_delete_volume)
 def _write_seed(ctx: Context, a: dict[str, Any]) -> None:
     identity = Identity(**a["identity"])
