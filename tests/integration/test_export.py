@@ -84,10 +84,7 @@ def source(env: CorralEnv) -> Source:
 
 
 def export(source: Source, fmt: str) -> tuple[Path, str]:
-    dest = source.env.root / f"export-{fmt}"
-    dest.mkdir()
-    result = source.env.run("export", source.name, "--format", fmt, "--output", str(dest))
-    return dest, result.stdout
+    return export_named(source.env, source.name, fmt, f"export-{fmt}")
 
 
 def qemu_img(*args: str) -> subprocess.CompletedProcess[str]:
@@ -218,6 +215,8 @@ def bare_host(env: CorralEnv) -> Iterator[TestHost]:
     try:
         yield hosts[0]
     finally:
+        if hosts[0].running:
+            remove_prefixed(hosts[0].uri, env.prefix)  # its network's bridge is the kernel's
         stop_hosts(hosts)
 
 
@@ -284,6 +283,38 @@ def test_libvirt_export_is_defined_and_boots_on_a_bare_libvirtd(
     assert report.hostname == "appliance"
 
 
+def test_a_machine_on_another_host_is_exported_through_libvirt(
+    env: CorralEnv, bare_host: TestHost
+) -> None:
+    """The host's disk is flattened there, fetched over libvirt, and nothing stays behind."""
+    pool = env.root / "far-pool"
+    env.run("host", "add", "far", bare_host.uri, "--pool-path", str(pool), "--network",
+            env.name("far"), "--accelerator", "tcg")
+    name = env.name("far")
+    env.run("vm", "create", name, "--image", "appliance", "--host", "far", "--no-start")
+    try:
+        before = sorted(p.name for p in pool.iterdir())
+        dest, _ = export_named(env, name, "libvirt", "export-far")
+        shown = env.json("vm", "show", name)
+        disk = dest / f"{name}.qcow2"
+        assert info(disk, "qcow2").get("backing-filename") is None
+        # The pool is under /var/tmp, which every test host shares: compare with its chain.
+        result = qemu_img("compare", "-f", "qcow2", "-F", "qcow2", shown["disk_path"], str(disk))
+        assert result.returncode == 0 and "Images are identical" in result.stdout
+        kernel = ET.fromstring((dest / f"{name}.xml").read_text()).findtext("os/kernel")
+        assert kernel == str(dest / f"{name}.kernel") and Path(kernel).stat().st_size > 1 << 20
+        assert sorted(p.name for p in pool.iterdir()) == before  # the flattened copy is gone
+    finally:
+        env.run("vm", "delete", "--force", name)
+        env.run("host", "remove", "far")  # the module's other tests place on the local host
+
+
+def export_named(env: CorralEnv, name: str, fmt: str, folder: str) -> tuple[Path, str]:
+    dest = env.root / folder
+    dest.mkdir()
+    return dest, env.run("export", name, "--format", fmt, "--output", str(dest)).stdout
+
+
 # -- round trip ---------------------------------------------------------------------------
 
 
@@ -308,7 +339,7 @@ def test_round_trip_through_ova_boots(source: Source) -> None:
     assert "Traceback" not in refused.stderr
     back = env.name("back")
     result = env.run("import", "ova", str(ova), "--name", back, "--kernel-from", "appliance",
-                     "--new-identity")
+                     "--new-identity", "--host", "local")
     assert f"as machine {back}" in result.stdout
     shown = env.json("vm", "show", back)
     assert (shown["cpus"], shown["memory_bytes"]) == (2, 320 << 20)

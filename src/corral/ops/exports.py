@@ -16,6 +16,9 @@ self-contained image, so no export names a backing file.
   absolute path and holds nothing a bare libvirt lacks, so ``virsh define NAME.xml``
   takes it as it is.
 
+A machine on another host is read through that host's storage backend only (libvirt):
+the host flattens the chain into a temporary volume, which is fetched and removed.
+
 Everything is written in a hidden staging folder inside ``dest_dir`` (same filesystem)
 and moved into place only when complete; a failed export removes what it wrote.
 """
@@ -254,11 +257,16 @@ class _Export:
         fmt = parsed.format if parsed is not None and parsed.format else "qcow2"
         if self.handle.local:
             return disk_path, fmt
-        raise InvalidInput(
-            f"Machine '{self.machine.name}' is on host '{self.handle.host.name}'; Corral "
-            "exports only machines on the local host so far.",
-            hint="Migrate it to the local host first, then export it.",
-        )
+        host, storage = self.handle.host.name, self.handle.storage
+        flat = disk_path.with_name(f"export-{self.staging.name.lstrip('.')}-{disk_path.name}")
+        self.report(f"flattening {disk_path.name} on {host}", 0.0)
+        storage.full_clone(disk_path, flat, storage.usage(disk_path).virtual_size)
+        self.cleanups.append(lambda: storage.delete(flat))
+        local = self.staging / "fetched.qcow2"
+        self.report(f"fetching {disk_path.name} from {host}", 0.0)
+        storage.fetch(flat, local)
+        self.cleanups.append(lambda: local.unlink(missing_ok=True))
+        return local, "qcow2"
 
     def disk(self, file_name: str, fmt: str, options: dict[str, str]) -> Path:
         """The machine's disk chain as one self-contained image in the staging folder."""
@@ -328,7 +336,10 @@ class _Export:
         dest = self.staging / self.names[role]
         self.report(f"copying {dest.name}", 0.0)
         try:
-            shutil.copyfile(path, dest)
+            if self.handle.local:
+                shutil.copyfile(path, dest)
+            else:
+                self.handle.storage.fetch(Path(path), dest)
             dest.chmod(0o644)
         except OSError as exc:
             raise _os_error(exc, f"copy the {role} '{path}'") from exc
