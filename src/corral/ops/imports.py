@@ -117,7 +117,7 @@ class DiskSource:
 
 
 def locate_disk(
-    ctx: Context,
+    limits: QemuImgLimits,
     folder: Path,
     disk: ForeignDisk,
     allowed_paths: Iterable[Path] = (),
@@ -136,14 +136,14 @@ def locate_disk(
     found = detect_format(head)
     declared = _declared(disk, path)
     if found is ImageFormat.VMDK and vmdk.is_text_descriptor(head):
-        return _split_vmdk(ctx.limits, path, places)
+        return _split_vmdk(limits, path, places)
     if declared is not None and declared is not found:
         raise UnsafeImage(
             f"The disk '{path.name}' is named as {declared} but its contents are {found}; "
             "Corral refuses disks that are not what they claim to be.",
             hint="Convert it to the format its machine file names, or fix the machine file.",
         )
-    vetted = vet_image(path, found, ctx.limits)
+    vetted = vet_image(path, found, limits)
     return DiskSource(path=str(path), format=vetted.format,
                       virtual_size=vetted.virtual_size, files=(str(path),))
 
@@ -424,7 +424,7 @@ def _plan(
     dropped += [f"The disk '{d.path}' ({d.bus}) was not imported; a Corral machine has one "
                 "disk, the first." for d in others]
     kernel = _kernel_image(ctx, kernel_image, project)
-    disk = locate_disk(ctx, folder, first, allowed_paths)
+    disk = locate_disk(ctx.limits, folder, first, allowed_paths)
     if first.bus != _CORRAL_BUS:
         changed.append(f"The disk '{first.path}' moved from the {first.bus} bus to virtio; "
                        "the guest needs virtio drivers.")
