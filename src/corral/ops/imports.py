@@ -31,6 +31,7 @@ import os
 import re
 import stat
 import tempfile
+import uuid as uuids
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -106,7 +107,7 @@ class DiskSource:
     format: ImageFormat
     virtual_size: int
     files: tuple[str, ...]
-    """Every file qemu reads to convert it, as real paths."""
+    """Every file qemu reads to convert it, by absolute path."""
     descriptor: str | None = None
     """For a VMDK split into extents: the descriptor Corral wrote, which qemu reads
     instead of the original."""
@@ -483,8 +484,6 @@ def _kernel_image(ctx: Context, name: str | None, project: str) -> Image | None:
 
 def _identity(ctx: Context, foreign: ForeignMachine, name: str,
               new: bool) -> tuple[Identity, tuple[IdentityChange, ...]]:
-    import uuid as uuids
-
     source_mac = foreign.nics[0].mac if foreign.nics else None
     machine_uuid = foreign.uuid if foreign.uuid and not new else str(uuids.uuid4())
     mac = source_mac if source_mac and not new else None
