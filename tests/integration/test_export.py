@@ -356,3 +356,25 @@ def export_once(source: Source) -> tuple[Path, str]:
     if (dest / f"{source.name}.ova").exists():
         return dest, ""
     return export(source, "ova")
+
+
+def test_a_hostile_ova_is_refused_by_the_cli_and_leaves_nothing(env: CorralEnv) -> None:
+    import io
+    import tarfile
+
+    from corral.formats.ovf import OvfDiskSpec, OvfSpec, build_ovf
+
+    descriptor = build_ovf(OvfSpec("m", 1, 64 << 20, (OvfDiskSpec("m.vmdk", 5, 1 << 20),)))
+    evil = env.root / "evil.ova"
+    target = env.root / "escaped"
+    with tarfile.open(evil, "w") as tar:
+        for name, data in [("m.ovf", descriptor), (f"../{target.name}", b"owned")]:
+            info_ = tarfile.TarInfo(name)
+            info_.size = len(data)
+            tar.addfile(info_, io.BytesIO(data))
+    result = env.run("import", "ova", str(evil), check=False)
+    assert result.returncode == 5  # UnsafeImage
+    assert "climbs out with '..'" in result.stderr and "Traceback" not in result.stderr
+    assert not target.exists()
+    assert not list((env.root / "state").glob("ova-*"))  # the staging folder is gone
+
