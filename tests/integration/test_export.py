@@ -10,10 +10,12 @@ never heard of Corral (127.0.0.10), and the OVA is imported back and boots.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import secrets
 import shutil
 import subprocess
+import tarfile
 import threading
 import time
 import xml.etree.ElementTree as ET
@@ -25,7 +27,7 @@ from typing import Any
 import libvirt
 import pytest
 
-from corral.formats.ovf import parse_ovf
+from corral.formats.ovf import OvfDiskSpec, OvfSpec, build_ovf, parse_ovf
 from corral.formats.vmx import parse_vmx
 from corral.images.appliance import ApplianceArtifacts
 from corral.images.ova import members, read_ova
@@ -166,8 +168,6 @@ def test_ova_is_a_valid_package_with_the_machine_in_it(source: Source) -> None:
 
 
 def _ovf_text(ova: Path, name: str) -> str:
-    import tarfile
-
     with tarfile.open(ova) as tar:
         member = tar.extractfile(f"{name}.ovf")
         assert member is not None
@@ -359,11 +359,6 @@ def export_once(source: Source) -> tuple[Path, str]:
 
 
 def test_a_hostile_ova_is_refused_by_the_cli_and_leaves_nothing(env: CorralEnv) -> None:
-    import io
-    import tarfile
-
-    from corral.formats.ovf import OvfDiskSpec, OvfSpec, build_ovf
-
     descriptor = build_ovf(OvfSpec("m", 1, 64 << 20, (OvfDiskSpec("m.vmdk", 5, 1 << 20),)))
     evil = env.root / "evil.ova"
     target = env.root / "escaped"
