@@ -608,6 +608,7 @@ class LibvirtDriver(ComputeDriver):
                 dom.migrateToURI3(move.dest_uri, params, flags)
             finally:
                 watcher.stop()
+            on_progress(1.0)
 
     # -- helpers ------------------------------------------------------------------------
 

@@ -213,6 +213,10 @@ def recover_abandoned(ctx: Context) -> list[Job]:
                 ctx.store.finish_job(job.id, JobState.SUCCEEDED, "interrupted; finished")
             recovered.append(ctx.store.get_job(job.id))
         lock_path.unlink(missing_ok=True)
+    for job in ctx.store.jobs_with_leftovers():
+        # A compensation failed before (its host did not answer): try it again.
+        if not owner_alive(ctx, job.owner):
+            _roll_back(ctx, job)
     return recovered
 
 
@@ -244,8 +248,11 @@ def _roll_back(ctx: Context, job: Job) -> None:
         try:
             _STEPS[st.name].undo(ctx, st.args)
             ctx.store.set_step_state(job.id, position, StepState.COMPENSATED)
-        except Exception:
+        except CorralError as exc:
             # Keep compensating the rest: one stuck resource must not strand the others.
+            # The step stays uncompensated, so a later recovery tries it again.
+            log.warning("job %s: compensating step %s failed: %s", job.id, st.name, exc)
+        except Exception:
             log.exception("job %s: compensating step %s failed", job.id, st.name)
 
 

@@ -31,7 +31,7 @@ from urllib.parse import urlsplit
 
 from corral.compute.base import LIVE_MIGRATION, LiveMigration
 from corral.errors import Conflict, CorralError, HypervisorError, InvalidInput, NotFound
-from corral.images.transfer import send_file
+from corral.images.transfer import partial_marker, send_file
 from corral.model import CloneMode, HostState, Job, Machine, PowerState, RecordState
 from corral.ops.context import Context, HostHandle
 from corral.ops.distribute import image_on
@@ -54,7 +54,9 @@ _ACTIVE = frozenset({PowerState.RUNNING, PowerState.PAUSED, PowerState.BLOCKED})
 
 
 def _delete_target_file(ctx: Context, a: dict[str, Any]) -> None:
-    ctx.on(a["host"]).storage.delete(Path(a["path"]))
+    storage = ctx.on(a["host"]).storage
+    storage.delete(Path(a["path"]))
+    storage.delete(partial_marker(Path(a["path"])))  # an interrupted send leaves it
 
 
 @step("file.send", undo=_delete_target_file)
@@ -130,10 +132,20 @@ def _migrate(ctx: Context, a: dict[str, Any]) -> None:
         bandwidth_mib=ctx.settings.migration_bandwidth_mib,
     )
     report = ctx.on_progress
+    project = ctx.store.get_machine(a["name"]).project
+    announced = [0]
 
     def progress(fraction: float) -> None:
         if report is not None:
             report(100.0 * fraction)
+        # The job's own progress counts steps; this one is most of the move, so its
+        # progress also goes out as events (the API's and console's event stream).
+        tenth = int(fraction * 10)
+        if tenth > announced[0]:
+            announced[0] = tenth
+            ctx.store.add_event("machine.migrating", a["name"],
+                                f"moving {a['name']} to {a['host']}: {tenth * 10} % sent",
+                                project)
 
     source.driver.migrate_live(a["name"], move, progress)
 

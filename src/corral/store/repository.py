@@ -675,6 +675,18 @@ class Store:
                 q = q.where(JobRow.id < before)
             return [_job(r) for r in s.scalars(q)]
 
+    def jobs_with_leftovers(self, limit: int = 100) -> list[Job]:
+        """Rolled-back jobs with a step whose compensation has not succeeded yet (its
+        host was unreachable, say): recovery tries those again."""
+        with self._read() as s:
+            unfinished = select(StepRow.job_id).where(
+                StepRow.job_id == JobRow.id,
+                StepRow.state.in_([StepState.STARTED.value, StepState.DONE.value]),
+            ).exists()
+            q = (select(JobRow).where(JobRow.state == JobState.ROLLED_BACK.value, unfinished)
+                 .order_by(JobRow.id).limit(limit))
+            return [_job(r) for r in s.scalars(q)]
+
     # -- projects ----------------------------------------------------------------------
 
     def add_project(self, name: str, quota: Quota) -> Project:

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from corral.config import Settings
+from corral.errors import HypervisorUnavailable
 from corral.model import JobState, StepState
 from corral.ops.context import Context
 from corral.ops.jobs import PlannedStep, Recovery, job_kind, recover_abandoned, run_job, step
@@ -189,3 +190,32 @@ def test_a_job_killed_before_its_pivot_took_effect_rolls_back(tmp_path: Path) ->
 def test_a_pivot_needs_a_settle_function() -> None:
     with pytest.raises(ValueError, match="settle"):
         job_kind("test-no-settle", Recovery.ROLL_BACK, pivot="test.touch")
+
+
+def _undo_when_reachable(_ctx: Context, a: dict[str, Any]) -> None:
+    if Path(a["down"]).exists():
+        raise HypervisorUnavailable("Cannot reach libvirtd at test://down: is it running?")
+    Path(a["path"]).unlink(missing_ok=True)
+
+
+step("test.touch-remote", undo=_undo_when_reachable)(_touch)
+
+
+def test_a_compensation_that_failed_is_tried_again_later(tmp_path: Path) -> None:
+    made, down = tmp_path / "made", tmp_path / "down"
+    down.write_text("the host is down")
+    with context(tmp_path) as ctx, pytest.raises(RuntimeError):
+        run_job(ctx, CREATE, "t", [PlannedStep("test.touch-remote",
+                                               {"path": str(made), "down": str(down)}),
+                                   PlannedStep("test.boom", {"path": str(tmp_path / "b")})])
+    assert made.exists()  # its host did not answer: left for later
+    with context(tmp_path) as ctx:
+        recover_abandoned(ctx)
+        assert made.exists()  # still down: still there, still recorded
+        down.unlink()
+        recover_abandoned(ctx)
+        assert not made.exists()
+        (job,) = ctx.store.list_jobs()
+        assert job.state is JobState.ROLLED_BACK
+        assert {s.state for s in job.steps} == {StepState.COMPENSATED}
+        assert ctx.store.jobs_with_leftovers() == []
