@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from inotify_simple import INotify, flags
 
 from corral.errors import InvalidInput, NotFound, UnsafeImage
 from corral.formats.foreign import ForeignDisk
@@ -98,3 +100,32 @@ def test_missing_and_unsupported_disks_say_so(folder: Path) -> None:
                                              ("Café-01", "caf-01")])
 def test_display_names_become_machine_names(shown: str, name: str) -> None:
     assert machine_name(shown) == name
+
+
+def _canary_opened(canary: Path, action: Callable[[], object]) -> bool:
+    """Whether anything opened or read ``canary`` while ``action`` ran."""
+    with INotify() as inotify:
+        inotify.add_watch(str(canary), flags.OPEN | flags.ACCESS)
+        action()
+        # The kernel queues an event as the open happens, so nothing can arrive late.
+        return bool(inotify.read(timeout=0))
+
+
+def test_a_refused_disk_never_opens_the_file_it_names(folder: Path) -> None:
+    canary = _disk(folder.parent, "canary.vmdk", "monolithicSparse", "8M")
+    (folder / "split.vmdk").write_text('# Disk DescriptorFile\nversion=1\n'
+                                       'createType="twoGbMaxExtentSparse"\n'
+                                       'RW 16384 SPARSE "../canary.vmdk"\n')
+    (folder / "link.vmdk").symlink_to(canary)
+
+    def refused(path: str) -> Callable[[], object]:
+        def attempt() -> None:
+            with pytest.raises(UnsafeImage):
+                locate_disk(LIMITS, folder, ForeignDisk(path, "scsi", "vmdk"))
+        return attempt
+
+    for path in ("split.vmdk", "link.vmdk", "../canary.vmdk", str(canary)):
+        assert not _canary_opened(canary, refused(path)), path
+    # control: qemu-img itself, given the same descriptor, opens the canary
+    assert _canary_opened(canary, lambda: subprocess.run(
+        ["qemu-img", "info", "-f", "vmdk", str(folder / "split.vmdk")], capture_output=True))
