@@ -52,7 +52,7 @@ from corral.formats.foreign import ForeignDisk, ForeignMachine
 from corral.formats.image_inspect import detect_format, inspect_image
 from corral.identity import allocate_macs, check_name
 from corral.images.safety import vet_image
-from corral.images.transfer import send_file
+from corral.images.transfer import partial_marker, send_file
 from corral.model import (
     DEFAULT_PROJECT,
     Identity,
@@ -289,7 +289,17 @@ def convert_into_pool(ctx: Context, handle: HostHandle, disk: dict[str, Any], de
     with tempfile.TemporaryDirectory(dir=ctx.settings.state_dir, prefix="import-") as tmp:
         local = Path(tmp) / dest.name
         convert_disk(disk, local, ctx.limits, ctx.on_progress)
-        send_file(local, _sha256(local), handle.storage, dest)
+        try:
+            send_file(local, _sha256(local), handle.storage, dest)
+        except BaseException:
+            # Nothing resumes this copy (the conversion is redone): leave no marker behind.
+            for leftover in (dest, partial_marker(dest)):
+                try:
+                    handle.storage.delete(leftover)
+                except CorralError:
+                    log.exception("could not remove %s from host %s", leftover,
+                                  handle.host.name)
+            raise
 
 
 def _sha256(path: Path) -> str:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from corral.identity.seed import seed_content, write_seed
+from corral.images.transfer import partial_marker
 from corral.model import CloneMode, Identity, RecordState
 from corral.ops.context import Context, HostHandle
 from corral.ops.distribute import ensure_image
@@ -92,7 +93,14 @@ def _copy_disk(ctx: Context, a: dict[str, Any]) -> None:
     storage.copy(src, dest)
 
 
-@step("disk.import", undo=_delete_volume)
+def _delete_imported(ctx: Context, a: dict[str, Any]) -> None:
+    """The imported disk, and the marker of a copy to a remote host cut short."""
+    storage = _on(ctx, a).storage
+    storage.delete(Path(a["path"]))
+    storage.delete(partial_marker(Path(a["path"])))
+
+
+@step("disk.import", undo=_delete_imported)
 def _import_disk(ctx: Context, a: dict[str, Any]) -> None:
     """A foreign machine's vetted disk converted to a standalone qcow2 (ops.imports)."""
     from corral.ops.imports import convert_into_pool
