@@ -135,11 +135,18 @@ ROWS = [
     Row("PUT", "/hosts/{name}/maintenance", _admin_only(200),
         _simple("PUT", "/hosts/local/maintenance", json={"on": False})),
     Row("DELETE", "/hosts/{name}", _admin_only(409), _simple("DELETE", "/hosts/local")),
+    # Evacuating the only host would put it in maintenance: an admin asks for one that
+    # does not exist (404), which still shows the role is allowed.
+    Row("POST", "/hosts/{name}/evacuate", _admin_only(404),
+        _simple("POST", "/hosts/no-such-host/evacuate")),
     Row("POST", "/hosts/check", _admin_only(200), _simple("POST", "/hosts/check")),
     Row("POST", "/placement/explain", _p1_manager(200), lambda c, w, r: c.post(
         "/placement/explain", json={"name": w.n("why", r), "image": "appliance",
                                     "project": "p1"})),
     Row("GET", "/pool/rebalance", _admin_only(200), _simple("GET", "/pool/rebalance")),
+    # One host: the plan is empty, so nothing moves.
+    Row("POST", "/pool/rebalance", _admin_only(202),
+        _simple("POST", "/pool/rebalance", json={"max_moves": 1})),
     Row("GET", "/pools", _everyone(200), _simple("GET", "/pools")),
     Row("GET", "/images", _everyone(200), _simple("GET", "/images")),
     Row("GET", "/images/{name}", _p1_reader(), _simple("GET", "/images/img-p1")),

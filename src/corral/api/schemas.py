@@ -299,6 +299,35 @@ class RebalancePlan(BaseModel):
     moves: list[MoveOut]
 
 
+class RebalanceRun(Strict):
+    max_moves: int = Field(default=50, ge=1, le=1000, description="At most this many moves.")
+
+
+class RebalanceAccepted(BaseModel):
+    """Accepted: these moves are carried out one after another, each a job of its own
+    (``migrate``, or ``migrate-live`` for a running machine). The plan is made again when
+    the first move begins, so a pool that changed in between may move a little otherwise;
+    a move that cannot be made is an event ``machine.move-failed`` and the rest go on."""
+
+    moves: list[MoveOut]
+
+
+class EvacuationMove(BaseModel):
+    machine: str
+    project: str
+    live: bool = Field(description="It runs, so it moves live; a stopped machine moves cold.")
+
+
+class EvacuationAccepted(BaseModel):
+    """Accepted: the host is in maintenance, and each of its machines moves in turn to
+    the host the scheduler picks then (a job each, ``migrate`` or ``migrate-live``); a
+    move that cannot be made is an event ``machine.move-failed`` and the rest go on."""
+
+    host: str
+    state: HostState = Field(description="maintenance: nothing new goes there.")
+    machines: list[EvacuationMove] = Field(description="The machines that will move.")
+
+
 class MachineClone(Strict):
     name: Name
     clone: CloneMode = CloneMode.LINKED

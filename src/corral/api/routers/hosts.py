@@ -1,20 +1,26 @@
 """Hosts and their storage pools: state, placement settings, capacity and claims.
 
-Reading is for every caller; enrolling, changing, maintenance, removal, probing and
-health checks are for admins. A host's state and pool capacity come from the store
+Reading is for every caller; enrolling, changing, maintenance, evacuation, removal,
+probing and health checks are for admins. A host's state and pool capacity come from the store
 (health checks and probes keep them), never from this machine's filesystem: a remote
 host's pool path is not here.
 """
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
+from typing import Any
 
 from fastapi import APIRouter, Response
 
 from corral.api.deps import Caller, ServicesDep
 from corral.api.problems import documented
 from corral.api.schemas import (
+    EvacuationAccepted,
+    EvacuationMove,
     HealthChangeOut,
     HealthReport,
     HostCreate,
@@ -24,9 +30,17 @@ from corral.api.schemas import (
     Name,
     PoolOut,
 )
-from corral.model import Host, HostPlacement
+from corral.api.services import Services
+from corral.errors import Conflict
+from corral.model import Host, HostPlacement, HostState, PowerState
 from corral.ops import hosts as host_ops
+from corral.ops import migrate as move_ops
+from corral.ops.context import Context
 from corral.ops.hosts import DEFAULT_REMOTE_POOL
+from corral.ops.migrate import ManyMoves, MoveFailure, MoveResult
+
+_ACTIVE = frozenset({PowerState.RUNNING, PowerState.PAUSED, PowerState.BLOCKED})
+"""Power states that move live (as ``ops.migrate`` decides when the move begins)."""
 
 router = APIRouter(prefix="/hosts", tags=["hosts"],
                    responses=documented(400, 401, 403, 404, 422))
@@ -103,6 +117,99 @@ def set_maintenance(name: Name, body: Maintenance, caller: Caller,
     """A host in maintenance receives no new machines; its machines keep running."""
     caller.require_admin()
     return _out(svc, host_ops.set_maintenance(svc.ctx, name, body.on))
+
+
+@router.post(
+    "/{name}/evacuate", status_code=202,
+    summary="Put a host in maintenance and move every machine on it elsewhere (admins)",
+    responses=documented(409),
+)
+def evacuate(name: Name, caller: Caller, svc: ServicesDep) -> EvacuationAccepted:
+    """The host is in maintenance when this answers; its machines then move one after
+    another, running ones live and stopped ones cold, each to the host the scheduler
+    picks at that moment (so each move sees the ones before it). Each move is a job;
+    a move that cannot be made (no host can take the machine, say) is an event
+    ``machine.move-failed`` on the machine, and the rest go on; the event
+    ``host.evacuated`` says how it ended. A host with no machines only goes into
+    maintenance. Refused (409) while another evacuation or rebalance is moving machines."""
+    caller.require_admin()
+    ctx = svc.ctx
+    host = ctx.store.get_host(name)
+    with many_moves(svc, f"evacuating host {name}") as start:
+        if host.state is not HostState.MAINTENANCE:
+            host_ops.set_maintenance(ctx, name, True)
+        machines = [
+            EvacuationMove(machine=m.name, project=m.project,
+                           live=svc.sweeper.state(m.name) in _ACTIVE)
+            for m in ctx.store.list_machines(name)
+        ]
+        if machines:
+            start(_evacuate, ctx, name)
+    return EvacuationAccepted(host=name, state=HostState.MAINTENANCE, machines=machines)
+
+
+def _evacuate(ctx: Context, name: str) -> None:
+    done = move_ops.evacuate(ctx, name, report_move(ctx, f"evacuating host {name}"))
+    ctx.store.add_event("host.evacuated", name,
+                        f"host {name} evacuated: {summary(done)}", None)
+
+
+_moving = threading.Lock()
+
+
+@contextmanager
+def many_moves(svc: Services, what: str) -> Iterator[Callable[..., None]]:
+    """One evacuation or rebalance at a time: two at once would plan moves of the same
+    machines. Taken when the request arrives (409 if taken); ``start(fn, *args)`` hands
+    the moves to the job worker, and the lock is released when ``fn`` ends, or on
+    leaving the block if nothing was started."""
+    if not _moving.acquire(blocking=False):
+        raise Conflict("Another evacuation or rebalance is moving machines now.",
+                       hint="Wait until it ends (its event host.evacuated or "
+                            "pool.rebalanced), then try again.")
+    started = False
+
+    def start(fn: Callable[..., None], *args: Any) -> None:
+        nonlocal started
+
+        def run() -> None:
+            try:
+                fn(*args)
+            finally:
+                _moving.release()
+
+        svc.worker.submit(what, run)
+        started = True
+
+    try:
+        yield start
+    finally:
+        if not started:
+            _moving.release()
+
+
+def report_move(ctx: Context, why: str) -> Callable[[MoveResult | MoveFailure], None]:
+    """An ``on_move`` for many moves that records each refusal as an event on its
+    machine: a move refused before its job began (no host can take the machine, say)
+    would otherwise leave no trace but the server's log. Moves made have their job's
+    events already."""
+    def report(outcome: MoveResult | MoveFailure) -> None:
+        if isinstance(outcome, MoveFailure):
+            found = ctx.store.find_machine(outcome.machine)
+            ctx.store.add_event(
+                "machine.move-failed", outcome.machine,
+                f"{why}: {outcome.machine} did not move: {outcome.error}",
+                found.project if found is not None else None,
+            )
+    return report
+
+
+def summary(done: ManyMoves) -> str:
+    """How many moves were made, in a few words."""
+    moved, total = len(done.moved), len(done.outcomes)
+    if not done.failed:
+        return f"{moved} machine{'' if moved == 1 else 's'} moved"
+    return f"{moved} of {total} machines moved, {len(done.failed)} stayed (see their events)"
 
 
 @router.delete(
