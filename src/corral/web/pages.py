@@ -168,7 +168,15 @@ def hosts_page(request: Request, session: SessionDep, svc: ServicesDep) -> HTMLR
     caller = session.principal
     return _render(request, "hosts.html", session, "hosts",
                    hosts=host_routes.list_hosts(caller, svc),
-                   pools=host_routes.list_pools(caller, svc))
+                   pools=host_routes.list_pools(caller, svc),
+                   jobs=_jobs(caller, svc, 6))
+
+
+@router.get("/partials/hosts")
+def host_cards(request: Request, session: SessionDep, svc: ServicesDep) -> HTMLResponse:
+    """The hosts' cards, refreshed in place: states and claims change as machines move."""
+    return _render(request, "_host_cards.html", session,
+                   hosts=host_routes.list_hosts(session.principal, svc))
 
 
 @router.get("/audit")

@@ -1,4 +1,5 @@
-/* Corral's console: CSRF on every change, dialogs, power buttons, uploads, job progress.
+/* Corral's console: CSRF on every change, dialogs, power buttons, uploads, job progress,
+ * moving machines (migrate, evacuate, rebalance).
  * Every change goes to the JSON API with the session cookie and the X-CSRF-Token header. */
 (function () {
   "use strict";
@@ -162,6 +163,12 @@
         toast(changed ? `Health: ${changed}` : "Every host is as it was.", "ok");
         setTimeout(() => location.reload(), 300);
       } catch (err) { toast(err.message, "error"); el.disabled = false; }
+    } else if (el.dataset.migrate) {
+      openMigrate(el.dataset.migrate, el);
+    } else if (el.dataset.evacuate) {
+      evacuate(el);
+    } else if (el.id === "rebalance-pool") {
+      rebalance(el);
     } else if (el.id === "create-preview-button") {
       previewCreate(el.closest("form"));
     } else if (el.id === "open-create") {
@@ -180,9 +187,123 @@
     d.querySelector('input[name="name"]').focus();
   }
 
+  /* Moving machines: power states that move live (as the server decides). */
+  const LIVE = new Set(["running", "paused", "blocked"]);
+  const enc = encodeURIComponent;
+
+  function size(bytes) {
+    const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let v = bytes, i = 0;
+    while (Math.abs(v) >= 1024 && i < units.length - 1) { v /= 1024; i++; }
+    return `${i ? v.toFixed(1) : v} ${units[i]}`;
+  }
+
+  function plural(n, one, many) { return `${n} ${n === 1 ? one : (many || one + "s")}`; }
+
+  /* The Migrate dialog, filled when it opens: the machine's power decides live or cold
+   * (fixed: a running machine only moves live, a stopped one only cold), and the targets
+   * are the hosts up now, other than its own. */
+  async function openMigrate(name, button) {
+    const d = document.getElementById("migrate-dialog");
+    if (!d) return;
+    button.disabled = true;
+    let m, hosts;
+    try {
+      [m, hosts] = await Promise.all([api("GET", `/machines/${enc(name)}`), api("GET", "/hosts")]);
+    } catch (err) {
+      toast(err.message, "error");
+      return;
+    } finally {
+      button.disabled = false;
+    }
+    d.querySelector("#migrate-source").textContent = m.host;
+    const select = d.querySelector("#migrate-to");
+    const choices = hosts.filter((h) => h.up && h.name !== m.host).map((h) => {
+      const free = h.capacity.memory_bytes * h.memory_ratio - h.claimed.memory_bytes;
+      return new Option(`${h.name} (${plural(h.claimed.machines, "machine")}, ${size(free)} memory free)`, h.name);
+    });
+    select.replaceChildren(new Option("Scheduler's choice", ""), ...choices);
+    const live = LIVE.has(m.power);
+    const box = d.querySelector("#migrate-live");
+    box.checked = live;
+    box.disabled = true;
+    d.querySelector("#migrate-note").textContent = live
+      ? "It runs, so it moves live: its memory and its own disk blocks travel while it keeps running."
+      : "It is stopped, so it moves cold: its own disk bytes are copied and checked, then it is removed here.";
+    d.querySelector("#migrate-submit").disabled = false;
+    d.showModal();
+    select.focus();
+  }
+
+  async function submitMigrate(form) {
+    const name = form.dataset.machine;
+    const to = form.querySelector("#migrate-to").value || null;
+    const body = { to, live: form.querySelector("#migrate-live").checked };
+    const submit = form.querySelector("#migrate-submit");
+    submit.disabled = true;
+    try {
+      const acc = await api("POST", `/machines/${enc(name)}/migrate`, body);
+      followJobs(acc.jobs, `Moving ${name}${to ? " to " + to : ""}${body.live ? " live" : ""}`);
+      changed();
+    } catch (err) {
+      toast(err.message, "error");
+    } finally {
+      form.closest("dialog").close();
+      submit.disabled = false;
+    }
+  }
+
+  async function evacuate(el) {
+    const host = el.dataset.evacuate;
+    const n = parseInt(el.dataset.machines, 10) || 0;
+    const what = n === 0 ? "it holds no machines."
+      : `then ${n === 1 ? "its machine moves" : `each of its ${n} machines moves`} to the host the scheduler picks: running machines live, stopped ones cold.`;
+    if (!(await confirmDialog(`Evacuate ${host}?`, `${host} goes into maintenance (nothing new goes there); ${what}`, "Evacuate"))) return;
+    el.disabled = true;
+    try {
+      const acc = await api("POST", `/hosts/${enc(host)}/evacuate`);
+      const moving = acc.machines.map((m) => `${m.machine} (${m.live ? "live" : "cold"})`);
+      toast(moving.length
+        ? `Evacuating ${host}: ${moving.join(", ")} will move.`
+        : `${host} is in maintenance; it holds no machines.`, "ok");
+      changed();
+    } catch (err) {
+      toast(err.message, "error");
+      el.disabled = false;
+    }
+  }
+
+  async function rebalance(el) {
+    el.disabled = true;
+    try {
+      const plan = await api("GET", "/pool/rebalance");
+      const n = plan.moves.length;
+      if (!n) {
+        toast("The load is as even as the placement rules allow; nothing to move.", "ok");
+        return;
+      }
+      const lines = plan.moves.slice(0, 8).map((m) => `${m.machine} from ${m.source} to ${m.target}`);
+      if (n > 8) lines.push(`and ${n - 8} more`);
+      if (!(await confirmDialog(`Rebalance the pool: ${plural(n, "move")}?`,
+        `${lines.join("; ")}. Running machines move live, stopped ones cold.`, "Rebalance"))) return;
+      const acc = await api("POST", "/pool/rebalance", { max_moves: n });
+      toast(acc.moves.length
+        ? `Rebalancing: ${acc.moves.map((m) => `${m.machine} to ${m.target}`).join(", ")}.`
+        : "Nothing to move any more: the load is as even as the rules allow.", "ok");
+      changed();
+    } catch (err) {
+      toast(err.message, "error");
+    } finally {
+      el.disabled = false;
+    }
+  }
+
   document.addEventListener("submit", async (e) => {
     const form = e.target;
-    if (form.id === "create-form") {
+    if (form.id === "migrate-form") {
+      e.preventDefault();
+      submitMigrate(form);
+    } else if (form.id === "create-form") {
       e.preventDefault();
       const body = createBody(form);
       showCreateError(form, null);
