@@ -46,7 +46,6 @@ def run() -> None:
                 host_ops.add_host(ctx, h.name, h.uri, pool_path=str(pool),
                                   network=f"{prefix}-{h.name}", placement=HostPlacement(),
                                   accelerator="tcg")
-            host_ops.set_maintenance(ctx, "local", True)
             _live(ctx, hosts)
             _cold(ctx, hosts)
         finally:

@@ -18,6 +18,7 @@ PACKAGES=(
   postgresql                            # the store's tests also run against PostgreSQL
   chromium                              # the console's end-to-end tests (driven by Playwright)
   wrk                                   # HTTP load for the API benchmark (make bench)
+  rsync                                 # the cold-migration benchmark's baseline
   python3-venv
 )
 

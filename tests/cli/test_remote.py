@@ -211,4 +211,18 @@ def test_pool_commands_over_the_server(remote: Remote, served: Served) -> None:
     refused = remote.run("host", "remove", "local")
     assert refused.returncode == 4 and "local host" in one_error(refused)
     assert "nothing to move" in remote.ok("pool", "rebalance", "--dry-run")
+    assert "Nothing to move" in remote.ok("pool", "rebalance")
     assert "local: up" in remote.ok("host", "check")
+
+    # moving a machine goes through the server's scheduler and jobs, with the same errors
+    stopped = served.name("mover")
+    remote.ok("vm", "create", stopped, "--image", "appliance", "--no-start")
+    try:
+        same = remote.run("vm", "migrate", stopped, "--to", "local")
+        assert same.returncode != 0 and "already runs on host 'local'" in one_error(same)
+        live = remote.run("vm", "migrate", stopped, "--live")
+        assert live.returncode != 0 and "not running" in one_error(live)
+        nowhere = remote.run("vm", "migrate", stopped)
+        assert nowhere.returncode == 4 and "No host can take" in " ".join(nowhere.stderr.split())
+    finally:
+        remote.ok("vm", "delete", "--force", stopped)

@@ -192,10 +192,14 @@ def test_clone_gives_a_stopped_machine_a_new_identity(with_appliance: CorralEnv)
     refused = env.run("vm", "clone", src, new, check=False)
     assert refused.returncode == 4 and "Stop it" in refused.stderr
     env.run("vm", "stop", src)
-    env.run("vm", "clone", src, new)
+    cloned = env.run("vm", "clone", src, new)
     a, b = env.json("vm", "show", src), env.json("vm", "show", new)
     for key in ("uuid", "mac", "hostname", "instance_id", "disk_path", "seed_path"):
         assert a[key] != b[key], key
+    # the command says which identity the clone did not keep
+    said = " ".join(cloned.stdout.split())
+    for key in ("uuid", "mac"):
+        assert f"{key} {a[key]} → {b[key]}" in said
     assert b["state"] == "shut-off" and b["image"] == "appliance"
     # the copy reads exactly as the source, and shares the same base
     same = subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", "-U",

@@ -192,8 +192,14 @@ def clone(
 ) -> None:
     """Clone a stopped machine into a new one with a new name, UUID, MAC and seed."""
     with backend() as b:
+        original = b.machine(source)
         d = b.clone_machine(source, new, mode)
     emit(d, output, details_table(d))
+    if output is Output.TABLE:
+        # A clone is a machine of its own: say plainly which identity it did not keep.
+        changed = [f"{key} {original[key]} → {d[key]}" for key in ("hostname", "uuid", "mac")
+                   if original[key] != d[key]]
+        out.print("New identity: " + "; ".join(changed) + ".")
 
 
 @app.command()
