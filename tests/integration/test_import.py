@@ -206,6 +206,14 @@ def test_vmdk_and_vdi_machines_import_boot_and_keep_their_identity(
         assert not changed["uuid"]["kept"] and not changed["mac"]["kept"]
         assert changed["mac"]["source"] == identities["sparse"][1]
         assert changed["uuid"]["value"] != identities["sparse"][0]
+        # an imported machine clones like any other: a full copy, with the same kernel
+        env.run("vm", "clone", env.name("copy"), env.name("copy-2"))
+        a, b = env.json("vm", "show", env.name("copy")), env.json("vm", "show", env.name("copy-2"))
+        assert a["uuid"] != b["uuid"] and a["mac"] != b["mac"]
+        assert b["clone"] == "full" and b["image"] is None
+        same = subprocess.run(["qemu-img", "compare", "-U", a["disk_path"], b["disk_path"]],
+                              capture_output=True, text=True)
+        assert same.returncode == 0, same.stdout + same.stderr
     finally:
         _delete_all(env)
     assert libvirt_domain_names(env.prefix) == set()

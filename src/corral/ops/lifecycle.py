@@ -147,25 +147,27 @@ def prepare_clone(
         raise Conflict(f"Machine '{source}' is running.", hint="Stop it before cloning.")
     if ctx.store.taken(names=[new]) or new in handle.driver.domain_names():
         raise Conflict(f"A machine named '{new}' already exists.")
-    if not src.managed or src.image is None:
+    if not src.managed:
         raise Conflict(f"Machine '{source}' was adopted; Corral cannot clone it yet.")
     size = handle.storage.usage(Path(src.disk_path)).virtual_size
     accounts.require_room(ctx.store, src.project, Usage.of(1, src.cpus, src.memory_bytes, size))
     (mac,) = allocate_macs(1, lambda c: ctx.store.taken(macs=c))
-    clone_mode = mode if src.clone is CloneMode.LINKED else CloneMode.FULL
+    # A linked copy of a full clone or an imported disk stands alone all the same: it has
+    # no base to share.
+    clone_mode = mode if src.clone is CloneMode.LINKED and src.image else CloneMode.FULL
     machine = new_machine(
         handle,
         new_identity(new, mac),
         image=src.image,
         cpus=src.cpus,
         memory_bytes=src.memory_bytes,
-        # A linked copy of a full clone stands alone all the same: it has no base.
         clone=clone_mode,
         ssh_keys=src.ssh_keys,
         project=src.project,
         disk_bytes=size,
         disk_claim=disk_claim(ctx, clone_mode, size),
         placement=src.placement,
+        kernel_image=src.kernel_image,
     )
     identity = machine.identity
     args = machine_args(machine)

@@ -106,7 +106,7 @@ def new_machine(
     handle: HostHandle,
     identity: Identity,
     *,
-    image: str,
+    image: str | None,
     cpus: int,
     memory_bytes: int,
     clone: CloneMode,
@@ -115,6 +115,7 @@ def new_machine(
     disk_bytes: int,
     disk_claim: int,
     placement: PlacementHints | None = None,
+    kernel_image: str | None = None,
 ) -> Machine:
     """The record of a machine about to be provisioned, with its files' paths decided.
 
@@ -139,4 +140,5 @@ def new_machine(
         disk_bytes=disk_bytes,
         disk_claim=disk_claim,
         placement=placement or PlacementHints(),
+        kernel_image=kernel_image,
     )
