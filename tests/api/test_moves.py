@@ -2,9 +2,9 @@
 bodies, the problems of impossible moves, and who may ask.
 
 The first tests use the local host alone (no guest boots: every machine is made with
-start false). The last ones enrol a second libvirtd, h20 at 127.0.0.20 (tests/multihost.py;
-no other test uses that address), and move stopped machines between it and the local
-host for real.
+start false). The last one enrols a second libvirtd, h20 at 127.0.0.20 (tests/multihost.py;
+no other test uses that address; enrolment boots its few-second probe), and moves
+stopped machines between it and the local host for real.
 """
 
 from __future__ import annotations
@@ -231,6 +231,10 @@ def test_rebalance_then_evacuate_move_machines_for_real(served: Served, team: Te
             assert r.status_code == 202, r.text
             assert r.json() == {"host": "h20", "state": "maintenance", "machines": [
                 {"machine": stayed, "project": "p1", "live": False}]}
+            # While it moves (a cold move takes a good second; this asks in milliseconds),
+            # no other evacuation or rebalance may plan moves of the same machines.
+            busy = is_problem(c.post("/pool/rebalance"), 409)
+            assert busy["detail"].startswith("Another evacuation or rebalance is moving")
             ended = _wait_event(c, "h20", "host.evacuated", since)
             assert ended["message"] == "host h20 evacuated: 1 machine moved"
             [job] = _moves(c, stayed)

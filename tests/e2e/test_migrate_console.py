@@ -1,7 +1,8 @@
 """Moving machines from the console, in a real browser: the Migrate dialog of a stopped
-machine, a host's evacuation and the pool's rebalance. No guest boots (every machine is
-made with start false); the moves are real, cold, between the local host and h21, a
-second libvirtd at 127.0.0.21 (tests/multihost.py; no other test uses that address)."""
+machine, a host's evacuation and the pool's rebalance. No machine boots (each is made
+with start false; enrolling h21 boots only its few-second probe); the moves are real,
+cold, between the local host and h21, a second libvirtd at 127.0.0.21
+(tests/multihost.py; no other test uses that address)."""
 
 from __future__ import annotations
 

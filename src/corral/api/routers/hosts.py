@@ -9,6 +9,7 @@ host's pool path is not here.
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -30,7 +31,7 @@ from corral.api.schemas import (
     Name,
     PoolOut,
 )
-from corral.api.services import Services
+from corral.api.services import JobWorker, Services
 from corral.errors import Conflict
 from corral.model import Host, HostPlacement, HostState, PowerState
 from corral.ops import hosts as host_ops
@@ -154,16 +155,20 @@ def _evacuate(ctx: Context, name: str) -> None:
                         f"host {name} evacuated: {summary(done)}", None)
 
 
-_moving = threading.Lock()
+# One lock per server (its job worker); weak, so that a server's lock goes with it.
+_moving: weakref.WeakKeyDictionary[JobWorker, threading.Lock] = weakref.WeakKeyDictionary()
+_moving_guard = threading.Lock()
 
 
 @contextmanager
 def many_moves(svc: Services, what: str) -> Iterator[Callable[..., None]]:
-    """One evacuation or rebalance at a time: two at once would plan moves of the same
-    machines. Taken when the request arrives (409 if taken); ``start(fn, *args)`` hands
-    the moves to the job worker, and the lock is released when ``fn`` ends, or on
-    leaving the block if nothing was started."""
-    if not _moving.acquire(blocking=False):
+    """One evacuation or rebalance at a time per server: two at once would plan moves of
+    the same machines. Taken when the request arrives (409 if taken); ``start(fn,
+    *args)`` hands the moves to the job worker, and the lock is released when ``fn``
+    ends, or on leaving the block if nothing was started."""
+    with _moving_guard:
+        lock = _moving.setdefault(svc.worker, threading.Lock())
+    if not lock.acquire(blocking=False):
         raise Conflict("Another evacuation or rebalance is moving machines now.",
                        hint="Wait until it ends (its event host.evacuated or "
                             "pool.rebalanced), then try again.")
@@ -176,7 +181,7 @@ def many_moves(svc: Services, what: str) -> Iterator[Callable[..., None]]:
             try:
                 fn(*args)
             finally:
-                _moving.release()
+                lock.release()
 
         svc.worker.submit(what, run)
         started = True
@@ -185,7 +190,7 @@ def many_moves(svc: Services, what: str) -> Iterator[Callable[..., None]]:
         yield start
     finally:
         if not started:
-            _moving.release()
+            lock.release()
 
 
 def report_move(ctx: Context, why: str) -> Callable[[MoveResult | MoveFailure], None]:
