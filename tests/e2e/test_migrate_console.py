@@ -16,6 +16,8 @@ import pytest
 from playwright.sync_api import Browser, Page, expect
 
 from corral.images.appliance import ApplianceArtifacts
+from corral.model import JobState
+from corral.store import Store
 from tests.e2e.test_console import LAPTOP, login
 from tests.libvirt_cleanup import remove_prefixed
 from tests.multihost import TestHost, start_hosts, stop_hosts
@@ -217,4 +219,50 @@ def test_rebalance_shows_the_plan_then_carries_it_out(
         card = page.locator(f'section.host[data-host="{h21.name}"]')
         expect(card.locator(".host-claimed")).to_contain_text("1 machines", timeout=15_000)
     finally:
+        page.close()
+
+
+def test_a_live_moves_progress_shows_under_its_job(
+    browser: Browser, pool: tuple[Served, TestHost], shots: Path
+) -> None:
+    """A live move needs a booted guest; here its job and its machine.migrating events
+    are written to the server's store as the move writes them, and the console follows
+    them like any job it started."""
+    served, h21 = pool
+    name = served.name("live")
+    store = Store(served.settings.db_url)
+    job = store.create_job("migrate-live", name, "a-test", [])
+    page = _logged_in(browser, served)
+    try:
+        page.goto(served.url + "/ui/machines")
+        page.wait_for_function("window.corral !== undefined")
+        page.evaluate("([job, title]) => window.corral.followJobs([job], title)", [
+            {"id": job.id, "kind": "migrate-live", "target": name, "state": "running",
+             "progress": 0.4}, f"Moving {name} to {h21.name} live"])
+        toast = page.locator(".jobs-toast")
+        expect(toast).to_contain_text(f"migrate-live {name}")
+        line = toast.locator(".job-sent")
+        # The toast follows events newer than when its stream opened: send tenths, as
+        # the move does, until one shows.
+        deadline, tenth = time.monotonic() + 30, 0
+        while not (line.text_content() or "").endswith("% sent"):
+            assert time.monotonic() < deadline, "no progress event reached the toast"
+            tenth = min(tenth + 1, 9)
+            store.add_event("machine.migrating", name,
+                            f"moving {name} to {h21.name}: {tenth * 10} % sent", None)
+            time.sleep(0.5)
+        store.add_event("machine.migrating", name, f"moving {name} to {h21.name}: 100 % sent",
+                        None)
+        expect(line).to_have_text(f"moving {name} to {h21.name}: 100 % sent")
+        # Another machine's progress is not this job's (the stream polls twice a second).
+        store.add_event("machine.migrating", "someone-else", "moving someone-else: 99 % sent",
+                        None)
+        time.sleep(3)
+        expect(line).to_have_text(f"moving {name} to {h21.name}: 100 % sent")
+        page.screenshot(path=str(shots / "migrate-live-progress.png"))
+        store.finish_job(job.id, JobState.SUCCEEDED)
+        expect(toast.locator(".job-state")).to_have_text("succeeded")
+    finally:
+        store.finish_job(job.id, JobState.SUCCEEDED)
+        store.close()
         page.close()

@@ -85,6 +85,8 @@
         if (j.error) row.title = j.error;
       };
       show(job);
+      // A live move spends most of its time in one step: its "% sent" comes as events.
+      const sent = job.kind === "migrate-live" ? followSent(row, job.target) : null;
       const es = new EventSource(`/jobs/${job.id}/stream`);
       es.addEventListener("job", (ev) => {
         const j = JSON.parse(ev.data);
@@ -92,12 +94,30 @@
         changed();
         if (j.state !== "pending" && j.state !== "running") {
           es.close();
+          if (sent) sent.close();
           if (j.state !== "succeeded") toast(`${j.kind} ${j.target}: ${j.error || j.state}`, "error");
           if (--open === 0) setTimeout(() => t.remove(), 3000);
         }
       });
-      es.onerror = () => { es.close(); if (--open === 0) setTimeout(() => t.remove(), 3000); };
+      es.onerror = () => {
+        es.close();
+        if (sent) sent.close();
+        if (--open === 0) setTimeout(() => t.remove(), 3000);
+      };
     }
+  }
+
+  /* The machine.migrating events of one machine, shown under its job's bar. */
+  function followSent(row, machine) {
+    const line = document.createElement("div");
+    line.className = "job-foot muted job-sent";
+    row.appendChild(line);
+    const es = new EventSource("/events/stream?seconds=3600");
+    es.addEventListener("machine.migrating", (ev) => {
+      const e = JSON.parse(ev.data);
+      if (e.target === machine) line.textContent = e.message;
+    });
+    return es;
   }
 
   /* A confirmation dialog; resolves true when the person confirms. */
