@@ -12,6 +12,7 @@ import os
 import secrets
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +20,8 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from corral.errors import Conflict, CorralError, NotFound
-from corral.storage.base import StorageBackend
+from corral.errors import Conflict, CorralError, NotFound, StorageError
+from corral.storage.base import Hole, Piece, StorageBackend
 from corral.storage.libvirt_pool import LibvirtPoolBackend, VolumeSpec, volume_xml
 from corral.storage.qcow2_dir import Qcow2DirBackend
 from corral.storage.qemu_img import QemuImgLimits
@@ -253,6 +254,107 @@ def test_upload_range_overwrites_what_was_there(env: Env) -> None:
         f.write(b"\xff" * (2 * MiB))
     env.backend.upload_range(source, dest, 2 * MiB, 8 * MiB)
     assert env.backend.sha256(dest) == (digest, 8 * MiB)
+
+
+def as_bytes(pieces: list[Piece]) -> bytes:
+    return b"".join(bytes(p.length) if isinstance(p, Hole) else p for p in pieces)
+
+
+def hole_bytes(pieces: list[Piece]) -> int:
+    return sum(p.length for p in pieces if isinstance(p, Hole))
+
+
+def test_size_is_the_file_length(env: Env) -> None:
+    path = env.root / "seed.iso"
+    sparse_file(path, 5 * MiB + 3, {MiB: b"x" * 100})
+    assert env.backend.size(path) == 5 * MiB + 3
+    with pytest.raises(NotFound) as err:
+        env.backend.size(env.root / "missing.iso")
+    one_sentence(err.value)
+
+
+def test_read_range_gives_the_bytes_with_holes_as_lengths(env: Env) -> None:
+    path = env.root / "disk.raw"
+    a, b = os.urandom(MiB + 5), os.urandom(300_000)
+    sparse_file(path, 32 * MiB, {0: a, 20 * MiB: b})
+    content = path.read_bytes()
+    whole = list(env.backend.read_range(path, 0, 32 * MiB))
+    assert as_bytes(whole) == content
+    assert hole_bytes(whole) >= 28 * MiB  # the holes crossed as lengths, not zeros
+    assert all(len(p) <= 256 << 10 for p in whole if isinstance(p, bytes))
+    # A range starting inside data and ending inside a hole, and one past the end.
+    middle = list(env.backend.read_range(path, MiB - 7, 20 * MiB + 10))
+    assert as_bytes(middle) == content[MiB - 7 : 20 * MiB + 10]
+    tail = list(env.backend.read_range(path, 30 * MiB, 40 * MiB))
+    assert as_bytes(tail) == bytes(2 * MiB)
+    assert list(env.backend.read_range(path, 5, 5)) == []
+    with pytest.raises(NotFound) as err:
+        list(env.backend.read_range(env.root / "missing.raw", 0, MiB))
+    one_sentence(err.value)
+
+
+def held_open(path: Path) -> bool:
+    """Whether any process (this one, or libvirtd) has ``path`` open."""
+    for fd in Path("/proc").glob("[0-9]*/fd/*"):
+        try:
+            if Path(os.readlink(fd)) == path:
+                return True
+        except OSError:  # gone, or not ours to read
+            continue
+    return False
+
+
+def test_read_range_stopped_early_releases_the_file(env: Env) -> None:
+    path = env.root / "disk.raw"
+    sparse_file(path, 8 * MiB, {0: os.urandom(4 * MiB)})
+    pieces = env.backend.read_range(path, 0, 8 * MiB)
+    first = next(pieces)
+    assert isinstance(first, bytes) and first == path.read_bytes()[: len(first)]
+    assert held_open(path)
+    pieces.close()
+    deadline = time.monotonic() + 5  # libvirtd closes its side after the abort
+    while held_open(path) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not held_open(path)
+
+
+def test_write_range_keeps_holes_and_bytes(env: Env) -> None:
+    dest = env.root / "dest.raw"
+    env.backend.create_empty(dest)
+    a, b = os.urandom(700_000), os.urandom(MiB)
+    pieces: list[Piece] = [a, Hole(20 * MiB), b, Hole(9 * MiB)]
+    end = 3 * MiB + len(a) + 20 * MiB + len(b) + 9 * MiB
+    env.backend.write_range(dest, 3 * MiB, end, pieces)
+    expected = bytes(3 * MiB) + a + bytes(20 * MiB) + b + bytes(9 * MiB)
+    assert dest.read_bytes() == expected
+    assert env.backend.size(dest) == end
+    assert dest.stat().st_blocks * 512 < 4 * MiB  # holes stayed holes
+    assert env.backend.sha256(dest) == (hashlib.sha256(expected).hexdigest(), end)
+
+
+def test_write_range_overwrites_existing_bytes_holes_included(env: Env) -> None:
+    dest = env.root / "dest.raw"
+    env.backend.create_empty(dest)
+    old = os.urandom(8 * MiB)
+    env.backend.write_range(dest, 0, 8 * MiB, [old])
+    new = os.urandom(MiB)
+    # From 2 MiB: a hole over old bytes must read as zeros, then new data, then a hole
+    # past the old end.
+    env.backend.write_range(dest, 2 * MiB, 12 * MiB, [Hole(3 * MiB), new, Hole(6 * MiB)])
+    assert dest.read_bytes() == old[: 2 * MiB] + bytes(3 * MiB) + new + bytes(6 * MiB)
+    assert env.backend.size(dest) == 12 * MiB
+
+
+def test_write_range_refuses_pieces_of_another_length(env: Env) -> None:
+    dest = env.root / "dest.raw"
+    env.backend.create_empty(dest)
+    wrong: list[list[Piece]] = [[b"x" * 100], [b"x" * 100, Hole(MiB)]]
+    for pieces in wrong:
+        with pytest.raises(StorageError) as err:
+            env.backend.write_range(dest, 0, 4096, pieces)
+        one_sentence(err.value)
+    env.backend.write_range(dest, 0, 4096, [b"y" * 4096])  # the volume is still usable
+    assert dest.read_bytes() == b"y" * 4096
 
 
 def test_errors_are_corral_errors_in_one_sentence(env: Env) -> None:

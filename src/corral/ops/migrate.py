@@ -31,7 +31,7 @@ from urllib.parse import urlsplit
 
 from corral.compute.base import LIVE_MIGRATION, LiveMigration
 from corral.errors import Conflict, CorralError, HypervisorError, InvalidInput, NotFound
-from corral.images.transfer import partial_marker, send_file
+from corral.images.transfer import copy_volume, partial_marker, send_file
 from corral.model import CloneMode, HostState, Job, Machine, PowerState, RecordState
 from corral.ops.context import Context, HostHandle
 from corral.ops.distribute import image_on
@@ -65,13 +65,18 @@ def _send(ctx: Context, a: dict[str, Any]) -> None:
     verified by sha256; a qcow2 overlay is re-pointed at the target's copy of its base."""
     source, target = ctx.on(a["source_host"]), ctx.on(a["host"])
     src, dest = Path(a["source"]), Path(a["path"])
+    if a["backing"] is None:
+        # Pool to pool, read, written and read back chunk by chunk at once: a full
+        # clone's disk may be large, and a temporary copy would cost a pass more.
+        copy_volume(source.storage, src, target.storage, dest,
+                    on_progress=_fraction_of(ctx, source.storage.size(src)))
+        return
+    # An overlay's header must name the target's base, so it is rewritten in a local
+    # copy first: overlays are the machine's own blocks only, small.
     with tempfile.TemporaryDirectory(dir=ctx.settings.state_dir, prefix="move-") as tmp:
-        local = src
-        if not source.local or a["backing"] is not None:
-            local = Path(tmp) / src.name
-            source.storage.fetch(src, local)
-        if a["backing"] is not None:
-            qemu_img.set_backing(local, Path(a["backing"]), ctx.limits)
+        local = Path(tmp) / src.name
+        source.storage.fetch(src, local)
+        qemu_img.set_backing(local, Path(a["backing"]), ctx.limits)
         size = local.stat().st_size
         target.storage.delete(dest)  # a crash may have left part of one; resuming is no cheaper
         send_file(local, _sha256(local), target.storage, dest,

@@ -7,11 +7,18 @@ calling; a backend never has a method that only raises NotImplementedError.
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
+import hashlib
+from collections.abc import Callable, Generator, Iterable
 from pathlib import Path
 from typing import ClassVar
 
+from corral.errors import NotFound, StorageError
 from corral.model import DiskUsage
+from corral.storage.sparse import PIECE_BYTES, Hole, Piece, file_pieces, hash_piece
+
+__all__ = [
+    "FULL_CLONE", "LINKED_CLONE", "PIECE_BYTES", "Hole", "Piece", "Progress", "StorageBackend",
+]
 
 Progress = Callable[[float], None]
 
@@ -101,18 +108,60 @@ class StorageBackend(abc.ABC):
         """
 
     @abc.abstractmethod
-    def upload_range(self, source: Path, dest: Path, start: int, end: int) -> None:
-        """Write bytes ``[start, end)`` of the local ``source`` at the same offsets of ``dest``.
+    def size(self, path: Path) -> int:
+        """The length in bytes of the file at ``path`` (its own bytes, not the virtual
+        size of the disk it holds). Raises NotFound if missing."""
 
-        Pre: ``dest`` exists and is at most ``end`` bytes long. Post: its bytes before
-        ``start`` are unchanged, bytes ``[start, end)`` are ``source``'s, whatever ``dest``
-        held there before, and it is ``end`` bytes long. Holes in the range stay holes
-        where the backend can keep them. Not atomic: a failure leaves any prefix written.
+    @abc.abstractmethod
+    def read_range(self, path: Path, start: int, end: int) -> Generator[Piece, None, None]:
+        """Bytes ``[start, end)`` of the file at ``path``, in order, as pieces: data (at
+        most ``PIECE_BYTES`` each), or a Hole where the backend knows they read as zeros.
+
+        Pre: ``0 <= start <= end``. Post: the pieces' lengths add up to ``min(end, size)
+        - start``: reading stops at the file's end. Nothing is read before the first
+        piece is asked for; NotFound (a missing file) and other errors are raised from
+        the iteration. Exhausting or closing the generator releases what it holds (a
+        stream, a file descriptor). Reading is all it does: idempotent.
         """
 
     @abc.abstractmethod
+    def write_range(self, dest: Path, start: int, end: int, pieces: Iterable[Piece]) -> None:
+        """Write ``pieces``, consecutive and ``end - start`` bytes long in all, at ``start``.
+
+        Pre: ``dest`` exists and is at most ``end`` bytes long. Post: its bytes before
+        ``start`` are unchanged, bytes ``[start, end)`` are the pieces' (a Hole's read as
+        zeros) whatever ``dest`` held there before, and it is ``end`` bytes long. A Hole
+        stays a hole where the backend can keep one, at least past the end ``dest`` had
+        before the call; elsewhere it is written as zeros. Pieces adding up to another
+        length raise StorageError. Not atomic: a failure leaves any prefix written; an
+        error raised by ``pieces`` itself propagates as it is.
+        """
+
+    def upload_range(self, source: Path, dest: Path, start: int, end: int) -> None:
+        """Write bytes ``[start, end)`` of the local ``source`` at the same offsets of ``dest``.
+
+        :meth:`write_range` with ``source``'s pieces (its holes found by SEEK_HOLE), so
+        the same pre- and post-conditions hold; ``source`` must be at least ``end`` bytes
+        long (else StorageError).
+        """
+        try:
+            f = source.open("rb")
+        except FileNotFoundError:
+            raise NotFound("file", str(source), called="at") from None
+        except OSError as exc:
+            raise StorageError(f"Could not read {source}: {exc.strerror or exc}.") from exc
+        with f:
+            self.write_range(dest, start, end, file_pieces(f.fileno(), start, end))
+
     def sha256(self, path: Path) -> tuple[str, int]:
-        """The sha256 hex digest and the length of the file at ``path``, read back.
+        """The sha256 hex digest and the length of the file at ``path``, read back
+        through :meth:`read_range`.
 
         Holes hash as the zeros they read as. Raises NotFound if missing.
         """
+        digest = hashlib.sha256()
+        length = 0
+        for piece in self.read_range(path, 0, self.size(path)):
+            length += hash_piece(digest, piece)
+        return digest.hexdigest(), length
+

@@ -13,20 +13,19 @@ Two facts about libvirt 9's dir pools shape the code below (both measured):
   becomes a qcow2 volume, and ``createXMLFrom`` from it runs ``qemu-img convert``. So
   server-side copies re-encode; byte-exact copies go through streams.
 * A hole sent on an upload stream is ``lseek`` plus ``ftruncate`` at the hole's end: it
-  does not zero bytes already in the file. ``upload_range`` therefore sends zeros, not
+  does not zero bytes already in the file. ``write_range`` therefore sends zeros, not
   holes, over the part of a volume that may hold old bytes.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import re
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -36,15 +35,22 @@ import libvirt
 from corral.errors import Conflict, CorralError, NoSpace, NotFound, StorageError
 from corral.formats.domain_xml import safe_fromstring
 from corral.model import DiskUsage
-from corral.storage.base import FULL_CLONE, LINKED_CLONE, Progress, StorageBackend
-from corral.storage.sparse import data_and_holes
+from corral.storage.base import (
+    FULL_CLONE,
+    LINKED_CLONE,
+    Hole,
+    Piece,
+    Progress,
+    StorageBackend,
+)
+from corral.storage.sparse import PIECE_BYTES
 
 log = logging.getLogger(__name__)
 
 Connect = Callable[[], Any]
 """Returns an open ``libvirt.virConnect`` (e.g. the compute driver's, so both share it)."""
 
-_PIECE = 256 << 10
+_PIECE = PIECE_BYTES
 """Bytes per stream message: libvirt's RPC payload size for stream data."""
 _ZEROS = bytes(_PIECE)
 _LEAD_INS = re.compile(
@@ -108,27 +114,10 @@ class LibvirtPoolBackend(StorageBackend):
         owns (an overlay's few MiB), twice over the network for a remote host.
         """
         with self._translated(f"copy {source.name} into {dest.name}"):
-            src = self._volume(source)
+            size = self._physical(self._volume(source))
             self._create_raw(dest)
             try:
-                down = self._conn().newStream(0)
-                up = self._conn().newStream(0)
-                src.download(down, 0, 0, libvirt.VIR_STORAGE_VOL_DOWNLOAD_SPARSE_STREAM)
-                try:
-                    self._volume(dest).upload(
-                        up, 0, 0, libvirt.VIR_STORAGE_VOL_UPLOAD_SPARSE_STREAM
-                    )
-                    for data, hole in _receive(down):
-                        if hole:
-                            up.sendHole(hole, 0)
-                        else:
-                            _send(up, data)
-                    up.finish()
-                    down.finish()
-                except BaseException:
-                    _abort(up)
-                    _abort(down)
-                    raise
+                self.write_range(dest, 0, size, self.read_range(source, 0, size))
             except BaseException:
                 self._discard(dest)
                 raise
@@ -176,21 +165,16 @@ class LibvirtPoolBackend(StorageBackend):
                 raise
 
     def fetch(self, path: Path, local_dest: Path) -> None:
-        with self._translated(f"fetch {path}"):
-            vol = self._volume(path)
-            stream = self._conn().newStream(0)
-            vol.download(stream, 0, 0, libvirt.VIR_STORAGE_VOL_DOWNLOAD_SPARSE_STREAM)
+        size = self.size(path)
+        with self._translated(f"fetch {path}"), local_dest.open("xb") as out:
             try:
-                with local_dest.open("xb") as out:
-                    for data, hole in _receive(stream):
-                        if hole:
-                            out.seek(hole, os.SEEK_CUR)
-                        else:
-                            out.write(data)
-                    out.truncate()  # a trailing hole: the seek alone does not extend the file
-                stream.finish()
+                for piece in self.read_range(path, 0, size):
+                    if isinstance(piece, Hole):
+                        out.seek(piece.length, os.SEEK_CUR)
+                    else:
+                        out.write(piece)
+                out.truncate()  # a trailing hole: the seek alone does not extend the file
             except BaseException:
-                _abort(stream)
                 local_dest.unlink(missing_ok=True)
                 raise
 
@@ -221,59 +205,52 @@ class LibvirtPoolBackend(StorageBackend):
         with self._translated(f"create {dest}"):
             self._create_raw(dest)
 
-    def upload_range(self, source: Path, dest: Path, start: int, end: int) -> None:
-        """Holes in the range are sent as holes (SPARSE_STREAM), except below the current
-        end of ``dest``, where old bytes may lie and zeros are sent instead (a hole on a
-        libvirt upload stream does not clear what the file holds); where the host refuses
-        sparse streams, all holes are sent as zeros.
-        """
-        with self._translated(f"upload {source.name} to {dest}"):
-            vol = self._volume(dest)
-            dirty_end = self._physical(vol)
-            with source.open("rb") as f:
-                fd = f.fileno()
-                stream = self._conn().newStream(0)
-                sparse = True
-                try:
-                    vol.upload(
-                        stream, start, end - start, libvirt.VIR_STORAGE_VOL_UPLOAD_SPARSE_STREAM
-                    )
-                except libvirt.libvirtError as exc:
-                    if _code(exc) not in (libvirt.VIR_ERR_INVALID_ARG, *_UNSUPPORTED):
-                        raise
-                    log.info("%s refuses sparse uploads; sending holes as zeros", self.pool_name)
-                    stream = self._conn().newStream(0)
-                    vol.upload(stream, start, end - start, 0)
-                    sparse = False
-                try:
-                    _send_range(stream, fd, start, end, dirty_end if sparse else end)
-                    stream.finish()
-                except BaseException:
-                    _abort(stream)
-                    raise
+    def size(self, path: Path) -> int:
+        with self._translated(f"read the size of {path}"):
+            return self._physical(self._volume(path))
 
-    def sha256(self, path: Path) -> tuple[str, int]:
-        """Read back through a sparse download stream: holes cross the wire as lengths."""
-        with self._translated(f"read back {path}"):
+    def read_range(self, path: Path, start: int, end: int) -> Generator[Piece, None, None]:
+        """One sparse download stream: holes cross the wire as lengths."""
+        with self._translated(f"read {path}"):
             vol = self._volume(path)
+            if end <= start:
+                return  # a download of length 0 would read to the end of the file
             stream = self._conn().newStream(0)
-            vol.download(stream, 0, 0, libvirt.VIR_STORAGE_VOL_DOWNLOAD_SPARSE_STREAM)
-            digest, length = hashlib.sha256(), 0
+            vol.download(
+                stream, start, end - start, libvirt.VIR_STORAGE_VOL_DOWNLOAD_SPARSE_STREAM
+            )
             try:
                 for data, hole in _receive(stream):
-                    if hole:
-                        length += hole
-                        while hole > 0:
-                            digest.update(_ZEROS_BIG[: min(hole, len(_ZEROS_BIG))])
-                            hole -= len(_ZEROS_BIG)
-                    else:
-                        length += len(data)
-                        digest.update(data)
+                    yield Hole(hole) if hole else data
+                stream.finish()
+            except BaseException:  # GeneratorExit included: a reader that stopped early
+                _abort(stream)
+                raise
+
+    def write_range(self, dest: Path, start: int, end: int, pieces: Iterable[Piece]) -> None:
+        """One upload stream (SPARSE_STREAM): holes are sent as holes, except below the
+        current end of ``dest``, where old bytes may lie and zeros are sent instead (a
+        hole on a libvirt upload stream does not clear what the file holds); where the
+        host refuses sparse streams, all holes are sent as zeros.
+        """
+        with self._translated(f"write to {dest}"):
+            vol = self._volume(dest)
+            dirty_end = self._physical(vol)
+            sparse = True
+            try:
+                stream = self._upload(vol, start, end, libvirt.VIR_STORAGE_VOL_UPLOAD_SPARSE_STREAM)
+            except libvirt.libvirtError as exc:
+                if _code(exc) not in (libvirt.VIR_ERR_INVALID_ARG, *_UNSUPPORTED):
+                    raise
+                log.info("%s refuses sparse uploads; sending holes as zeros", self.pool_name)
+                stream = self._upload(vol, start, end, 0)
+                sparse = False
+            try:
+                _send_pieces(stream, pieces, start, end, dirty_end if sparse else end)
                 stream.finish()
             except BaseException:
                 _abort(stream)
                 raise
-        return digest.hexdigest(), length
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -311,6 +288,26 @@ class LibvirtPoolBackend(StorageBackend):
         if vol is None:
             raise NotFound("volume", str(path), called="at")
         return vol
+
+    def _upload(self, vol: Any, start: int, end: int, flags: int) -> Any:
+        """An upload stream open on ``[start, end)`` of ``vol``.
+
+        libvirt counts a volume in use while it opens any stream on it, and refuses an
+        upload then: a read-back of the same volume starting at that instant is not an
+        error, so it is tried again for a while.
+        """
+        deadline = time.monotonic() + IN_USE_PATIENCE
+        delay = 0.005
+        while True:
+            stream = self._conn().newStream(0)
+            try:
+                vol.upload(stream, start, end - start, flags)
+                return stream
+            except libvirt.libvirtError as exc:
+                if "still in use" not in _detail(exc) or time.monotonic() > deadline:
+                    raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.5)
 
     def _physical(self, vol: Any) -> int:
         return int(vol.infoFlags(libvirt.VIR_STORAGE_VOL_GET_PHYSICAL)[2])
@@ -361,38 +358,46 @@ def volume_xml(spec: VolumeSpec) -> str:
 
 # -- streams -------------------------------------------------------------------------------
 
-_ZEROS_BIG = bytes(4 << 20)
-
-
-def _send(stream: Any, data: bytes | memoryview) -> None:
+def _send(stream: Any, data: bytes) -> None:
+    if len(data) <= _PIECE:  # a whole piece, as reads make them: no copy
+        while data:
+            sent = stream.send(data)
+            if sent < 0:
+                raise StorageError(
+                    "The upload stream would block; it must be a blocking stream."
+                )
+            data = data[sent:]
+        return
     view = memoryview(data)
-    while view:
-        sent = stream.send(bytes(view[:_PIECE]))
-        if sent < 0:
-            raise StorageError("The upload stream would block; it must be a blocking stream.")
-        view = view[sent:]
+    for at in range(0, len(view), _PIECE):
+        _send(stream, bytes(view[at : at + _PIECE]))
 
 
-def _send_range(stream: Any, fd: int, start: int, end: int, dirty_end: int) -> None:
-    """Send ``[start, end)`` of ``fd``: data as data, holes as holes at or past ``dirty_end``."""
-    for is_data, lo, hi in data_and_holes(fd, start, end):
-        if not is_data:
-            zeros_to = min(hi, max(lo, dirty_end))
-            pos = lo
+def _send_pieces(
+    stream: Any, pieces: Iterable[Piece], start: int, end: int, dirty_end: int
+) -> None:
+    """Send ``pieces`` as ``[start, end)``: holes as holes at or past ``dirty_end``."""
+    pos = start
+    for piece in pieces:
+        if isinstance(piece, Hole):
+            hi = pos + piece.length
+            zeros_to = min(hi, max(pos, dirty_end))
             while pos < zeros_to:
                 n = min(_PIECE, zeros_to - pos)
                 _send(stream, _ZEROS[:n])
                 pos += n
-            if hi > zeros_to:
-                stream.sendHole(hi - zeros_to, 0)
-            continue
-        pos = lo
-        while pos < hi:
-            data = os.pread(fd, min(_PIECE, hi - pos), pos)
-            if not data:
-                raise StorageError("The file being uploaded shrank while it was read.")
-            _send(stream, data)
-            pos += len(data)
+            if hi > pos:
+                stream.sendHole(hi - pos, 0)
+                pos = hi
+        else:
+            _send(stream, piece)
+            pos += len(piece)
+        if pos > end:
+            break
+    if pos != end:
+        raise StorageError(
+            f"The bytes to write came to {pos - start}, not the {end - start} announced."
+        )
 
 
 def _receive(stream: Any) -> Iterator[tuple[bytes, int]]:
@@ -429,6 +434,9 @@ _UNSUPPORTED = (libvirt.VIR_ERR_NO_SUPPORT, libvirt.VIR_ERR_OPERATION_UNSUPPORTE
 
 REFRESH_PATIENCE = 300.0
 """Seconds a refresh waits for the pool's uploads and volume builds to finish."""
+IN_USE_PATIENCE = 60.0
+"""Seconds an upload waits for a volume that libvirt says is in use (a stream being
+opened on it, or a copy being made from it)."""
 
 
 def _refresh(pool: Any) -> None:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import subprocess
+from collections.abc import Generator, Iterable
 from pathlib import Path
 from typing import ClassVar
 
@@ -13,11 +13,17 @@ from corral.errors import Conflict, NoSpace, NotFound, StorageError
 from corral.formats.qcow2 import Qcow2Header, read_qcow2_header, write_overlay
 from corral.model import DiskUsage
 from corral.storage import qemu_img
-from corral.storage.base import FULL_CLONE, LINKED_CLONE, Progress, StorageBackend
-from corral.storage.sparse import data_and_holes
+from corral.storage.base import (
+    FULL_CLONE,
+    LINKED_CLONE,
+    Hole,
+    Piece,
+    Progress,
+    StorageBackend,
+)
+from corral.storage.sparse import file_pieces
 
 _HEADER_BYTES = 64 << 10
-_PIECE = 1 << 20
 
 
 class Qcow2DirBackend(StorageBackend):
@@ -125,38 +131,53 @@ class Qcow2DirBackend(StorageBackend):
         except OSError as exc:
             raise _os_error(exc, f"create {dest}", self.directory) from exc
 
-    def upload_range(self, source: Path, dest: Path, start: int, end: int) -> None:
-        # Cutting dest at start drops whatever an earlier attempt left past it, so
-        # holes can stay holes: only data sections are written.
+    def size(self, path: Path) -> int:
         try:
-            with source.open("rb") as src, dest.open("r+b") as out:
-                out.truncate(start)
-                for is_data, lo, hi in data_and_holes(src.fileno(), start, end):
-                    pos = lo
-                    while is_data and pos < hi:
-                        data = os.pread(src.fileno(), min(_PIECE, hi - pos), pos)
-                        if not data:
-                            raise StorageError(f"{source} shrank while it was copied.")
-                        pos += os.pwrite(out.fileno(), data, pos)
-                out.truncate(end)
-        except FileNotFoundError as exc:
-            raise NotFound("file", str(exc.filename), called="at") from None
-        except OSError as exc:
-            raise _os_error(exc, f"copy {source.name} to {dest}", self.directory) from exc
-
-    def sha256(self, path: Path) -> tuple[str, int]:
-        digest, length = hashlib.sha256(), 0
-        try:
-            with path.open("rb") as f:
-                while data := f.read(_PIECE):
-                    digest.update(data)
-                    length += len(data)
+            return path.stat().st_size
         except FileNotFoundError:
             raise NotFound("file", str(path), called="at") from None
         except OSError as exc:
             raise StorageError(f"Could not read {path}: {exc.strerror}.") from exc
-        return digest.hexdigest(), length
 
+    def read_range(self, path: Path, start: int, end: int) -> Generator[Piece, None, None]:
+        try:
+            with path.open("rb") as f:
+                fd = f.fileno()
+                yield from file_pieces(fd, start, min(end, os.fstat(fd).st_size))
+        except FileNotFoundError:
+            raise NotFound("file", str(path), called="at") from None
+        except OSError as exc:
+            raise StorageError(f"Could not read {path}: {exc.strerror}.") from exc
+
+    def write_range(self, dest: Path, start: int, end: int, pieces: Iterable[Piece]) -> None:
+        # Cutting dest at start drops whatever an earlier attempt left past it, so
+        # holes can stay holes: only data is written.
+        try:
+            with dest.open("r+b") as out:
+                fd = out.fileno()
+                out.truncate(start)
+                pos = start
+                for piece in pieces:
+                    if isinstance(piece, Hole):
+                        pos += piece.length
+                    else:
+                        view = memoryview(piece)
+                        while view and pos < end:
+                            n = os.pwrite(fd, view[: end - pos], pos)
+                            view, pos = view[n:], pos + n
+                        pos += len(view)  # what did not fit: counted, so refused below
+                    if pos > end:
+                        break
+                if pos != end:
+                    raise StorageError(
+                        f"The bytes to write to {dest} came to {pos - start}, not the "
+                        f"{end - start} announced."
+                    )
+                out.truncate(end)
+        except FileNotFoundError as exc:
+            raise NotFound("file", str(exc.filename), called="at") from None
+        except OSError as exc:
+            raise _os_error(exc, f"write to {dest}", self.directory) from exc
 
 def _os_error(exc: OSError, action: str, directory: Path) -> StorageError:
     if exc.errno == errno.ENOSPC:
