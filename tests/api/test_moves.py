@@ -188,14 +188,17 @@ def h20(served: Served) -> Iterator[TestHost]:
         yield host
     finally:
         try:
+            if not host.running:  # it died: back up, so that what it holds can be removed
+                host.start()
             with served.admin() as c:
                 left = c.get("/machines", params={"host": host.name}).json()["items"]
                 _delete(c, *[m["name"] for m in left])
                 c.delete(f"/hosts/{host.name}")
         finally:
-            if host.running:
+            try:  # its network is a bridge in the one kernel every host shares
                 remove_prefixed(host.uri, served.prefix)
-            stop_hosts([host])
+            finally:
+                stop_hosts([host])
 
 
 def _domains(host: TestHost) -> set[str]:

@@ -44,13 +44,16 @@ def two_hosts(appliance: ApplianceArtifacts) -> Iterator[tuple[Served, TestHost]
             yield served, host
         finally:
             try:
+                if not host.running:  # it died: back up, so that what it holds can go
+                    host.start()
                 with served.admin() as c:
                     _delete_all(c)
                     c.delete(f"/hosts/{host.name}")
             finally:
-                if host.running:
+                try:  # its network is a bridge in the one kernel every host shares
                     remove_prefixed(host.uri, served.prefix)
-                stop_hosts([host])
+                finally:
+                    stop_hosts([host])
 
 
 def _delete_all(c: httpx.Client) -> None:
