@@ -1,9 +1,9 @@
 """Hosts and their storage pools: state, placement settings, capacity and claims.
 
 Reading is for every caller; enrolling, changing, maintenance, evacuation, removal,
-probing and health checks are for admins. A host's state and pool capacity come from the store
-(health checks and probes keep them), never from this machine's filesystem: a remote
-host's pool path is not here.
+probing and health checks are for admins. A host's state and pool capacity come from
+the store (health checks and probes keep them), never from this machine's filesystem:
+a remote host's pool path is not here.
 """
 
 from __future__ import annotations
