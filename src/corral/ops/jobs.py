@@ -123,10 +123,12 @@ def prepare_job(
     steps: Sequence[PlannedStep],
     *,
     project: str | None = None,
+    exclusive: bool = False,
 ) -> Job:
     """Write the job down, pending, with every step's arguments; run nothing yet.
 
     The API answers 202 with this job, then a worker of the same process executes it.
+    ``exclusive``: refused (Conflict) while another job on ``target`` is under way.
     """
     check_steps(steps)
     return ctx.store.create_job(
@@ -135,6 +137,7 @@ def prepare_job(
         ctx.owner,
         [Step(s.name, StepState.PENDING, s.args) for s in steps],
         project=project,
+        exclusive=exclusive,
     )
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from corral.errors import Conflict, CorralError, NotFound
 from corral.identity import allocate_macs, check_name, new_identity
-from corral.model import CloneMode, DiskUsage, Job, Machine, PowerState, Usage
+from corral.model import CloneMode, DiskUsage, Job, JobState, Machine, PowerState, Usage
 from corral.ops import accounts
 from corral.ops import steps as _steps  # noqa: F401  (registers the step kinds)
 from corral.ops.context import Context, HostHandle
@@ -102,7 +102,13 @@ def delete(ctx: Context, name: str, *, force: bool = False) -> None:
 
 def prepare_delete(ctx: Context, name: str, *, force: bool = False) -> Job:
     """Check that ``name`` may be deleted and write its delete job down (not run yet)."""
+    from corral.ops.migrate import MIGRATE, MIGRATE_LIVE
+
     machine, handle = host_of(ctx, name)
+    for job in ctx.store.list_jobs((JobState.PENDING, JobState.RUNNING), target=name):
+        if job.kind in (MIGRATE.name, MIGRATE_LIVE.name):
+            raise Conflict(f"Machine '{name}' is moving (job {job.id}).",
+                           hint=f"Wait for the move to end: corral job show {job.id}.")
     try:
         power: PowerState | None = handle.driver.state(name)
     except NotFound:

@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from corral.compute.base import LIVE_MIGRATION, LiveMigration
@@ -46,6 +46,9 @@ from corral.ops.jobs import (
 )
 from corral.ops.machines import domain_plan, machine_args, machine_from_args
 from corral.storage import qemu_img
+
+if TYPE_CHECKING:  # the scheduler brings numpy: not at every command's start
+    from corral.scheduler import Move
 
 _ACTIVE = frozenset({PowerState.RUNNING, PowerState.PAUSED, PowerState.BLOCKED})
 
@@ -215,17 +218,18 @@ def prepare_migration(
     power = source.driver.state(name)
     if live and power not in _ACTIVE:
         raise Conflict(f"Machine '{name}' is not running, so it cannot move live.",
-                       hint="Leave out --live to move it stopped.")
+                       hint="Move it without the live option, or start it first.")
     if not live and power in _ACTIVE:
         raise Conflict(f"Machine '{name}' is running.",
-                       hint="Add --live to move it while it runs, or stop it first.")
+                       hint="Move it with the live option (--live), or stop it first.")
     if live and LIVE_MIGRATION not in type(source.driver).capabilities:
         raise Conflict(f"Host '{m.host}' cannot move running machines.",
-                       hint="Stop the machine and move it without --live.")
+                       hint="Stop the machine and move it without the live option.")
     target = ctx.on(choose_target(ctx, m, to))
     plan = _live_steps(ctx, m, source, target) if live else _cold_steps(ctx, m, source, target)
     kind = MIGRATE_LIVE if live else MIGRATE
-    return prepare_job(ctx, kind, name, plan.steps, project=m.project), plan
+    # Two moves of one machine at once would write the same target files.
+    return prepare_job(ctx, kind, name, plan.steps, project=m.project, exclusive=True), plan
 
 
 def choose_target(ctx: Context, m: Machine, to: str | None) -> str:
@@ -378,11 +382,14 @@ def evacuate(ctx: Context, host: str,
 
 
 def rebalance(ctx: Context, max_moves: int = 50,
-              on_move: Callable[[MoveResult | MoveFailure], None] = lambda r: None) -> ManyMoves:
-    """Carry out the rebalance plan (``corral pool rebalance``), move by move."""
-    from corral.ops.placement import rebalance as plan
+              on_move: Callable[[MoveResult | MoveFailure], None] = lambda r: None,
+              plan: list[Move] | None = None) -> ManyMoves:
+    """Carry out the rebalance plan (``corral pool rebalance``), move by move: ``plan``
+    when the caller already showed one, else the pool's plan now."""
+    from corral.ops.placement import rebalance as plan_now
 
-    return _many(ctx, [(mv.machine, mv.target) for mv in plan(ctx, max_moves)], on_move)
+    moves = plan if plan is not None else plan_now(ctx, max_moves)
+    return _many(ctx, [(mv.machine, mv.target) for mv in moves], on_move)
 
 
 def _many(ctx: Context, moves: list[tuple[str, str | None]],

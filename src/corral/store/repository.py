@@ -592,9 +592,24 @@ class Store:
         steps: Sequence[Step],
         *,
         project: str | None = None,
+        exclusive: bool = False,
     ) -> Job:
-        """Write a job and all its steps, pending, before any step runs."""
+        """Write a job and all its steps, pending, before any step runs.
+
+        ``exclusive``: Conflict if a job on the same target is pending or running; the
+        target machine's row is locked first, so two such requests cannot both pass.
+        """
         with self._tx() as s:
+            if exclusive:
+                s.execute(select(MachineRow.name).where(MachineRow.name == target)
+                          .with_for_update())
+                busy = s.scalars(select(JobRow).where(
+                    JobRow.target == target,
+                    JobRow.state.in_([JobState.PENDING.value, JobState.RUNNING.value]),
+                ).limit(1)).first()
+                if busy is not None:
+                    raise Conflict(f"'{target}' is busy with job {busy.id} ({busy.kind}).",
+                                   hint=f"Wait for it to end: corral job show {busy.id}.")
             row = JobRow(
                 kind=kind,
                 target=target,

@@ -180,6 +180,20 @@ def test_job_steps_are_persisted_in_order(store: Store) -> None:
     assert store.get_job(job.id).finished_at is not None
 
 
+def test_an_exclusive_job_waits_for_the_others_on_its_target(store: Store) -> None:
+    store.add_machine(machine("m", "52:54:00:00:00:0e", "00000000-0000-4000-8000-00000000000e"))
+    first = store.create_job("migrate", "m", "job-1.lock", [], exclusive=True)
+    with pytest.raises(Conflict, match=f"busy with job {first.id} \\(migrate\\)"):
+        store.create_job("migrate-live", "m", "job-2.lock", [], exclusive=True)
+    other = store.create_job("migrate", "n", "job-3.lock", [], exclusive=True)  # another target
+    assert other.id != first.id
+    store.start_job(first.id)
+    with pytest.raises(Conflict):
+        store.create_job("migrate", "m", "job-2.lock", [], exclusive=True)
+    store.finish_job(first.id, JobState.ROLLED_BACK)
+    assert store.create_job("migrate", "m", "job-2.lock", [], exclusive=True).id > other.id
+
+
 def test_upgrading_from_0001_keeps_machines_in_the_default_project(store_url: str) -> None:
     """A store written by the first release, with a machine in it, upgrades in place."""
     from alembic import command

@@ -60,12 +60,14 @@ def carry_out_rebalance(caller: Caller, svc: ServicesDep,
     with many_moves(svc, "rebalancing the pool") as start:
         moves = placement.rebalance(svc.ctx, max_moves)
         if moves:
-            start(_rebalance, svc.ctx, max_moves)
+            start(_rebalance, svc.ctx, moves)
     return RebalanceAccepted(moves=_moves(moves))
 
 
-def _rebalance(ctx: Context, max_moves: int) -> None:
-    done = move_ops.rebalance(ctx, max_moves, report_move(ctx, "rebalancing the pool"))
+def _rebalance(ctx: Context, moves: list[Move]) -> None:
+    # The plan the 202 showed, not a new one: what moves is what the caller saw.
+    done = move_ops.rebalance(ctx, len(moves), report_move(ctx, "rebalancing the pool"),
+                              plan=moves)
     ctx.store.add_event("pool.rebalanced", "pool", f"pool rebalanced: {summary(done)}", None)
 
 
