@@ -1,12 +1,13 @@
 """Moving machines between two real hosts (tests/multihost.py) against the raw tools.
 
 - Live, shared storage: `corral vm migrate --live` (in process) of a running appliance
-  guest from h16 to h17, against raw `virsh migrate --live --p2p` of the same guest
-  back, with the same flags and a destination XML naming h16's network; alternating,
-  median of 3 each (goal ≤ 1.1×). One live move with its disk copied (to h18, another
-  pool) is timed too, without a baseline.
+  guest between h30 and h31, against raw `virsh migrate --live --p2p` of the same guest
+  with the same flags and a destination XML naming the target's network; each moves it
+  both ways and goes first in half of the rounds, median of 6 each (goal ≤ 1.1×).
+  One live move with its disk copied (to h32, another pool) is timed too, without a
+  baseline.
 - Cold: a stopped machine whose disk is 2 GiB virtual with 1 GiB allocated moves from
-  the shared pool to h18's pool (sent in chunks, read back and compared by sha256),
+  the shared pool to h32's pool (sent in chunks, read back and compared by sha256),
   against `rsync --sparse` of the same file to a directory on the same filesystem;
   alternating after a `sync`, median of 3 (goal ≥ 0.9× rsync's throughput).
 """
@@ -38,10 +39,10 @@ def run() -> None:
     with bench_context() as ctx:
         root = ctx.settings.state_dir.parent
         prefix = ctx.settings.pool_name
-        hosts = start_hosts(root, 3, first_address=16)
+        hosts = start_hosts(root, 3, first_address=30)  # 127.0.0.30-32: no test uses them
         try:
             shared = root / "shared-pool"
-            pools = [shared, shared, root / "h18-pool"]
+            pools = [shared, shared, root / "h32-pool"]
             for h, pool in zip(hosts, pools, strict=True):
                 host_ops.add_host(ctx, h.name, h.uri, pool_path=str(pool),
                                   network=f"{prefix}-{h.name}", placement=HostPlacement(),
@@ -55,21 +56,26 @@ def run() -> None:
 
 
 def _live(ctx: Context, hosts: list[TestHost]) -> None:
-    h16, h17, h18 = hosts
+    h30, h31, h32 = hosts
     name = f"{ctx.settings.pool_name}-live"
     create_machines(ctx, MachineSpec(name=name, image="appliance",
-                                     placement=PlacementHints(host=h16.name)))
+                                     placement=PlacementHints(host=h30.name)))
     wait_ready(ctx, [name], 300)
     corral, raw = [], []
-    for _ in range(RUNS):
-        corral.append(timed(lambda: migrate(ctx, name, to=h17.name, live=True)))
-        raw.append(_virsh_migrate(ctx, name, h17, h16))
+    # Each tool moves the guest both ways, and goes first in half of the rounds.
+    for i in range(2 * RUNS):
+        if i % 2 == 0:  # out with Corral, back with virsh
+            corral.append(timed(partial(migrate, ctx, name, to=h31.name, live=True)))
+            raw.append(_virsh_migrate(ctx, name, h31, h30))
+        else:  # out with virsh, back with Corral
+            raw.append(_virsh_migrate(ctx, name, h30, h31))
+            corral.append(timed(partial(migrate, ctx, name, to=h30.name, live=True)))
     c, r = statistics.median(corral), statistics.median(raw)
     row("live, shared storage: corral vm migrate --live", f"{c:.2f} s", f"runs {_list(corral)}")
     row("live, shared storage: raw virsh migrate --live --p2p", f"{r:.2f} s",
         f"runs {_list(raw)}")
     row("corral / virsh", f"{c / r:.2f}×", "goal ≤ 1.1×")
-    copied = timed(lambda: migrate(ctx, name, to=h18.name, live=True))
+    copied = timed(partial(migrate, ctx, name, to=h32.name, live=True))
     row("live, disk copied to another pool: corral", f"{copied:.2f} s",
         "memory and the overlay's own blocks")
 
@@ -95,11 +101,11 @@ def _virsh_migrate(ctx: Context, name: str, source: TestHost, target: TestHost) 
 
 
 def _cold(ctx: Context, hosts: list[TestHost]) -> None:
-    h16, _h17, h18 = hosts
+    h30, _h31, h32 = hosts
     name = f"{ctx.settings.pool_name}-cold"
     create_machines(ctx, MachineSpec(name=name, image="appliance", clone=CloneMode.FULL,
                                      disk_bytes=2 << 30, start=False,
-                                     placement=PlacementHints(host=h16.name)))
+                                     placement=PlacementHints(host=h30.name)))
     disk = Path(ctx.store.get_machine(name).disk_path)
     # 1 GiB of incompressible data at every other 64 MiB: allocated, and holes between
     subprocess.run(["qemu-io", "-f", "qcow2", *[
@@ -116,7 +122,7 @@ def _cold(ctx: Context, hosts: list[TestHost]) -> None:
                 subprocess.run, ["rsync", "--sparse", str(here), f"{scratch}/copy-{i}.qcow2"],
                 check=True)))
             subprocess.run(["sync"], check=True)
-            target = h18.name if ctx.store.get_machine(name).host == h16.name else h16.name
+            target = h32.name if ctx.store.get_machine(name).host == h30.name else h30.name
             corral.append(timed(partial(migrate, ctx, name, to=target)))
     c, r = statistics.median(corral), statistics.median(raw)
     row(f"cold, {size / 2**30:.2f} GiB allocated of 2 GiB: corral", f"{size / c / 2**20:.0f} MiB/s",

@@ -4,6 +4,7 @@ scheduler says; the claims in the store are checked against what libvirt reports
 
 from __future__ import annotations
 
+import math
 import secrets
 import shutil
 import threading
@@ -192,10 +193,11 @@ def test_a_host_whose_libvirtd_stops_is_marked_down_and_excluded(cleanup: Corral
 def test_fifty_concurrent_creates_never_overcommit(cleanup: CorralEnv, pool: tuple) -> None:
     env, hosts = cleanup, pool[1]
     host_memory = {h["name"]: h["memory_bytes"] for h in env.json("host", "list")}
-    # each host may hold 1 GiB of claims: four 256 MiB machines, twelve in the pool
+    # each host may hold 1 GiB of claims: four 256 MiB machines, twelve in the pool (the
+    # ratio rounded up: rounded down, capacity × ratio falls a few bytes short of 1 GiB)
     for h in hosts:
-        env.run("host", "set", h.name, "--memory-ratio",
-                f"{(1 << 30) / host_memory[h.name]:.9f}")
+        ratio = math.ceil((1 << 30) / host_memory[h.name] * 1e9) / 1e9
+        env.run("host", "set", h.name, "--memory-ratio", f"{ratio:.9f}")
     outcomes: dict[str, str] = {}
     lock = threading.Lock()
     start = threading.Barrier(10)
