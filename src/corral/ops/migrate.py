@@ -245,14 +245,23 @@ def choose_target(ctx: Context, m: Machine, to: str | None) -> str:
     return scheduler(ctx).place(inv, machine_request(m, image)).host
 
 
-def _files(ctx: Context, m: Machine, source: HostHandle, target: HostHandle) -> tuple[
-    Machine, bool, str | None, list[str]
-]:
-    """The machine as it will be on the target, whether storage is shared, the target's
-    base for its overlay, and the images the target needs."""
+@dataclass(frozen=True, slots=True)
+class _Arrival:
+    """What a machine becomes, and needs, on the host it moves to."""
+
+    moved: Machine
+    """Its record once on the target: the same machine with the target's paths."""
+    shared: bool
+    """The target reads the very same disk file (shared storage)."""
+    base: str | None
+    """The target's copy of the base the machine's overlay reads; None without one."""
+    images: list[str]
+    """Library images the target must hold: the base's and the kernel's."""
+
+
+def _arrival(ctx: Context, m: Machine, source: HostHandle, target: HostHandle) -> _Arrival:
     shared = (Path(source.host.pool_path) == Path(target.host.pool_path)
               and target.storage.exists(Path(m.disk_path)))
-    images = [i for i in (m.image, m.kernel_image) if i is not None]
     base = None
     if m.image is not None and m.clone is CloneMode.LINKED:
         base = image_on(target, ctx.store.get_image(m.image)).base
@@ -264,12 +273,16 @@ def _files(ctx: Context, m: Machine, source: HostHandle, target: HostHandle) -> 
             m, host=target.host.name, disk_path=str(pool / Path(m.disk_path).name),
             seed_path=str(pool / Path(m.seed_path).name) if m.seed_path else None,
         )
-    return moved, shared, base, images
+    images = [i for i in (m.image, m.kernel_image) if i is not None]
+    return _Arrival(moved, shared, base, images)
 
 
-def _common_head(m: Machine, moved: Machine, source: HostHandle, target: HostHandle,
-                 images: list[str]) -> list[PlannedStep]:
-    steps = [PlannedStep("image.ensure", {"host": target.host.name, "image": i}) for i in images]
+def _arrival_steps(m: Machine, arrival: _Arrival, source: HostHandle,
+                   target: HostHandle) -> list[PlannedStep]:
+    """The images the target needs, and the machine's seed, before anything else."""
+    moved = arrival.moved
+    steps = [PlannedStep("image.ensure", {"host": target.host.name, "image": i})
+             for i in arrival.images]
     if m.seed_path is not None and moved.seed_path != m.seed_path:
         steps.append(PlannedStep("file.send", {
             "host": target.host.name, "source_host": source.host.name,
@@ -288,12 +301,13 @@ def _source_leftovers(m: Machine, moved: Machine, source: HostHandle) -> list[st
 
 
 def _cold_steps(ctx: Context, m: Machine, source: HostHandle, target: HostHandle) -> MovePlan:
-    moved, shared, base, images = _files(ctx, m, source, target)
-    steps = _common_head(m, moved, source, target, images)
+    arrival = _arrival(ctx, m, source, target)
+    moved, shared = arrival.moved, arrival.shared
+    steps = _arrival_steps(m, arrival, source, target)
     if not shared:
         steps.append(PlannedStep("file.send", {
             "host": target.host.name, "source_host": source.host.name,
-            "source": m.disk_path, "path": moved.disk_path, "backing": base,
+            "source": m.disk_path, "path": moved.disk_path, "backing": arrival.base,
         }))
     steps += [
         PlannedStep("domain.define-moved", machine_args(moved)),
@@ -307,14 +321,15 @@ def _cold_steps(ctx: Context, m: Machine, source: HostHandle, target: HostHandle
 
 
 def _live_steps(ctx: Context, m: Machine, source: HostHandle, target: HostHandle) -> MovePlan:
-    moved, shared, base, images = _files(ctx, m, source, target)
+    arrival = _arrival(ctx, m, source, target)
+    moved, shared, base = arrival.moved, arrival.shared, arrival.base
     if not shared and base is None:
         raise Conflict(
             f"Machine '{m.name}' has a disk of its own (no base image), so it moves live "
             "only between hosts that share its storage.",
-            hint="Stop it and move it without --live, or name a host sharing its pool.",
+            hint="Stop it and move it without the live option, or pick a host sharing its pool.",
         )
-    steps = _common_head(m, moved, source, target, images)
+    steps = _arrival_steps(m, arrival, source, target)
     if not shared:
         size = source.storage.usage(Path(m.disk_path)).virtual_size
         steps.append(PlannedStep("disk.prepare", {
@@ -328,7 +343,7 @@ def _live_steps(ctx: Context, m: Machine, source: HostHandle, target: HostHandle
         src_image = image_on(source, ctx.store.get_image(m.image))
         dst_image = image_on(target, ctx.store.get_image(m.image))
         paths[src_image.base] = dst_image.base
-    for image in images:
+    for image in arrival.images:
         src_boot = image_on(source, ctx.store.get_image(image)).kernel_boot
         dst_boot = image_on(target, ctx.store.get_image(image)).kernel_boot
         if src_boot is not None and dst_boot is not None:
