@@ -173,6 +173,15 @@ ROWS = [
     # Moving machines between hosts is for admins; to the host it is on: 400, nothing moves.
     Row("POST", "/machines/{name}/migrate", {**_admin_only(400), "op2": 404},
         lambda c, w, r: c.post(f"/machines/{w.machine}/migrate", json={"to": "local"})),
+    # Snapshots: each manager takes one, reverts to it and deletes it, in that order.
+    Row("GET", "/machines/{name}/snapshots", _p1_reader(),
+        _simple("GET", lambda w, r: f"/machines/{w.machine}/snapshots")),
+    Row("POST", "/machines/{name}/snapshots", _p1_manager(201), lambda c, w, r: c.post(
+        f"/machines/{w.machine}/snapshots", json={"name": f"s-{r}"})),
+    Row("POST", "/machines/{name}/snapshots/{snapshot}/revert", _p1_manager(200),
+        _simple("POST", lambda w, r: f"/machines/{w.machine}/snapshots/s-{r}/revert")),
+    Row("DELETE", "/machines/{name}/snapshots/{snapshot}", _p1_manager(204),
+        _simple("DELETE", lambda w, r: f"/machines/{w.machine}/snapshots/s-{r}")),
     Row("GET", "/jobs", _everyone(200), _simple("GET", "/jobs")),
     Row("GET", "/jobs/{job_id}", _p1_reader(), _simple("GET", lambda w, r: f"/jobs/{w.job}")),
     Row("GET", "/jobs/{job_id}/stream", _p1_reader(),

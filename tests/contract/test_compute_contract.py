@@ -708,3 +708,38 @@ def test_every_domain_shape_passes_libvirts_schema(env: Env, shape: str) -> None
     env.raw.defineXMLFlags(build_domain_xml(plan), libvirt.VIR_DOMAIN_DEFINE_VALIDATE)
     assert name in env.driver.domain_names()
     env.driver.undefine(name)
+
+
+def test_snapshots_form_a_tree_that_survives_deleting_its_middle(env: Env) -> None:
+    plan = env.plan("snap", linked=True)
+    env.driver.define(plan)
+    name = plan.name
+    first = env.driver.snapshot_create(name, "s1", description="before the upgrade")
+    assert (first.name, first.parent, first.with_memory) == ("s1", None, False)
+    assert first.description == "before the upgrade" and first.state == "shutoff"
+    second = env.driver.snapshot_create(name, "s2")
+    third = env.driver.snapshot_create(name, "s3")
+    assert (second.parent, third.parent) == ("s1", "s2")
+    assert env.driver.snapshot_current(name) == "s3"
+    with pytest.raises(Conflict, match="already has a snapshot named 's2'"):
+        env.driver.snapshot_create(name, "s2")
+
+    env.driver.snapshot_delete(name, "s2")  # the middle: its child moves up
+    tree = {s.name: s.parent for s in env.driver.snapshots(name)}
+    assert tree == {"s1": None, "s3": "s1"}
+    env.driver.snapshot_revert(name, "s1")
+    assert env.driver.snapshot_current(name) == "s1"
+    assert env.driver.state(name) is PowerState.SHUT_OFF
+    with pytest.raises(NotFound, match="snapshot"):
+        env.driver.snapshot_revert(name, "s2")
+    with pytest.raises(NotFound):
+        env.driver.snapshot_delete(name, "nope")
+
+    env.driver.start(name)  # a running machine's snapshot holds its memory
+    live = env.driver.snapshot_create(name, "live")
+    assert live.with_memory and live.state == "running" and live.parent == "s1"
+    env.driver.destroy(name)
+    env.driver.snapshot_revert(name, "live")  # resumes the machine where it was
+    assert env.driver.state(name) is PowerState.RUNNING
+    env.driver.undefine(plan.identity.uuid, force=True)  # snapshots do not block it
+    assert name not in env.driver.domain_names()

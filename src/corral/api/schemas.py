@@ -8,6 +8,7 @@ from typing import Annotated, Generic, Literal, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
+from corral.formats.snapshot_xml import ParsedSnapshot
 from corral.model import (
     AuditEntry,
     CloneMode,
@@ -331,6 +332,27 @@ class EvacuationAccepted(BaseModel):
 class MachineClone(Strict):
     name: Name
     clone: CloneMode = CloneMode.LINKED
+
+
+class SnapshotCreate(Strict):
+    name: Name
+    description: str | None = Field(default=None, max_length=1000)
+
+
+class SnapshotOut(BaseModel):
+    name: str
+    parent: str | None
+    created_at: Timestamp
+    state: str = Field(description="The machine's state when the snapshot was taken.")
+    memory: bool = Field(description="Memory and devices are in it: a revert resumes the "
+                                     "running machine.")
+    description: str | None
+    current: bool
+
+    @classmethod
+    def of(cls, s: ParsedSnapshot, current: str | None) -> SnapshotOut:
+        return cls(name=s.name, parent=s.parent, created_at=s.created_at, state=s.state,
+                   memory=s.with_memory, description=s.description, current=s.name == current)
 
 
 class MachineMigrate(Strict):

@@ -28,12 +28,14 @@ from corral.cli.render import (
     machine_dict,
     move_dict,
     placement_dict,
+    snapshot_dict,
 )
 from corral.errors import CorralError, InvalidInput, NotFound
 from corral.model import CloneMode, HostPlacement, ImageFormat, JobState, MachineSpec
 from corral.ops import hosts as host_ops
 from corral.ops import images as image_ops
 from corral.ops import lifecycle, provision
+from corral.ops import snapshots as snapshot_ops
 from corral.ops.context import Context
 
 Row = dict[str, Any]
@@ -98,6 +100,10 @@ class Backend(Protocol):
     def explain_placement(self, spec: MachineSpec) -> Row: ...
     def rebalance(self, max_moves: int) -> list[Row]: ...
     def migrate(self, name: str, to: str | None, live: bool, progress: Progress) -> Row: ...
+    def snapshots(self, name: str) -> list[Row]: ...
+    def create_snapshot(self, name: str, snapshot: str, description: str | None) -> Row: ...
+    def revert_snapshot(self, name: str, snapshot: str) -> Row: ...
+    def delete_snapshot(self, name: str, snapshot: str) -> None: ...
     def evacuate(self, host: str, on_move: Callable[[Row], None]) -> list[Row]: ...
     def carry_out_rebalance(self, max_moves: int, on_move: Callable[[Row], None]) -> list[Row]:
         ...
@@ -303,6 +309,20 @@ class LocalBackend:
             return move_dict(migrate.migrate(self.ctx, name, to=to, live=live))
         finally:
             self.ctx.on_progress = None
+
+    def snapshots(self, name: str) -> list[Row]:
+        tree = snapshot_ops.tree(self.ctx, name)
+        return [snapshot_dict(s, tree.current) for s in tree.snapshots]
+
+    def create_snapshot(self, name: str, snapshot: str, description: str | None) -> Row:
+        return snapshot_dict(snapshot_ops.create(self.ctx, name, snapshot, description),
+                             snapshot)
+
+    def revert_snapshot(self, name: str, snapshot: str) -> Row:
+        return snapshot_dict(snapshot_ops.revert(self.ctx, name, snapshot), snapshot)
+
+    def delete_snapshot(self, name: str, snapshot: str) -> None:
+        snapshot_ops.delete(self.ctx, name, snapshot)
 
     def evacuate(self, host: str, on_move: Callable[[Row], None]) -> list[Row]:
         from corral.ops import migrate

@@ -501,6 +501,21 @@ class RemoteBackend:
                 "shared_storage": after["disk_path"] == before["disk_path"],
                 "seconds": round(time.monotonic() - started, 2), "job": end["id"]}
 
+    def snapshots(self, name: str) -> list[Row]:
+        return list(self.api.get(f"/machines/{name}/snapshots"))
+
+    def create_snapshot(self, name: str, snapshot: str, description: str | None) -> Row:
+        made: Row = self.api.post(f"/machines/{name}/snapshots",
+                                  {"name": snapshot, "description": description})
+        return made
+
+    def revert_snapshot(self, name: str, snapshot: str) -> Row:
+        reverted: Row = self.api.post(f"/machines/{name}/snapshots/{snapshot}/revert")
+        return reverted
+
+    def delete_snapshot(self, name: str, snapshot: str) -> None:
+        self.api.delete(f"/machines/{name}/snapshots/{snapshot}")
+
     def evacuate(self, host: str, on_move: Callable[[Row], None]) -> list[Row]:
         # The same moves the server's own evacuation makes: maintenance first, then each
         # machine where the scheduler places it at that moment.

@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from corral.formats.snapshot_xml import ParsedSnapshot
 from corral.model import Host, Image, Job, Usage
 from corral.model.units import format_size
 from corral.ops.lifecycle import MachineStatus
@@ -109,6 +110,12 @@ def move_dict(r: MoveResult | MoveFailure) -> dict[str, Any]:
     return {"machine": r.machine, "state": "moved", "source": r.source, "target": r.target,
             "live": r.live, "shared_storage": r.shared_storage,
             "seconds": round(r.seconds, 2), "job": r.job}
+
+
+def snapshot_dict(s: ParsedSnapshot, current: str | None) -> dict[str, Any]:
+    return {"name": s.name, "parent": s.parent, "created_at": s.created_at.isoformat(),
+            "state": s.state, "memory": s.with_memory, "description": s.description,
+            "current": s.name == current}
 
 
 def move_line(r: dict[str, Any]) -> str:

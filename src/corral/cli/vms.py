@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.table import Table
 
 from corral.cli.backend import backend, local_only
 from corral.cli.common import OutputOpt, context
@@ -226,6 +227,64 @@ def migrate(
     storage = "shared storage, memory only" if moved["shared_storage"] else "disk copied"
     out.print(f"Moved [bold]{name}[/] ({how}, {storage}) from {moved['source']} to "
               f"[bold]{moved['target']}[/] in {moved['seconds']:.1f} s.")
+
+
+snapshot = typer.Typer(help="Snapshots of a machine: its disk, and its memory when it runs.",
+                       no_args_is_help=True)
+app.add_typer(snapshot, name="snapshot")
+
+
+@snapshot.command("create")
+def snapshot_create(
+    name: str,
+    snap: Annotated[str, typer.Argument(metavar="SNAPSHOT", help="the snapshot's name")],
+    description: Annotated[str | None, typer.Option(help="a note kept with it")] = None,
+    output: OutputOpt = Output.TABLE,
+) -> None:
+    """Snapshot a machine: running, with its memory (a revert resumes it where it was);
+    stopped, its disk."""
+    with backend() as b:
+        made = b.create_snapshot(name, snap, description)
+    what = "disk and memory" if made["memory"] else "disk"
+    emit(made, output, details_table(made))
+    if output is Output.TABLE:
+        out.print(f"Took snapshot [bold]{snap}[/] of {name} ({what}).")
+
+
+@snapshot.command("list")
+def snapshot_list(name: str, output: OutputOpt = Output.TABLE) -> None:
+    """A machine's snapshots, oldest first, each with its parent; * marks the current one."""
+    with backend() as b:
+        rows = b.snapshots(name)
+    t = Table("", "SNAPSHOT", "PARENT", "TAKEN", "OF", "DESCRIPTION", box=None)
+    for r in rows:
+        t.add_row("*" if r["current"] else "", r["name"], r["parent"] or "-",
+                  r["created_at"], "disk+memory" if r["memory"] else "disk",
+                  r["description"] or "")
+    emit(rows, output, t)
+
+
+@snapshot.command("revert")
+def snapshot_revert(
+    name: str,
+    snap: Annotated[str, typer.Argument(metavar="SNAPSHOT")],
+) -> None:
+    """Put a machine back as it was at a snapshot; what it wrote since is lost."""
+    with backend() as b:
+        reverted = b.revert_snapshot(name, snap)
+    how = "running where it was" if reverted["memory"] else "its disk as it was"
+    out.print(f"Reverted [bold]{name}[/] to {snap} ({how}).")
+
+
+@snapshot.command("delete")
+def snapshot_delete(
+    name: str,
+    snap: Annotated[str, typer.Argument(metavar="SNAPSHOT")],
+) -> None:
+    """Delete a snapshot; its children keep theirs, the machine's data is untouched."""
+    with backend() as b:
+        b.delete_snapshot(name, snap)
+    out.print(f"Deleted snapshot {snap} of [bold]{name}[/].")
 
 
 @app.command()

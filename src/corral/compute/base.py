@@ -26,6 +26,7 @@ from typing import ClassVar, Self
 
 from corral.errors import CorralError, DriverNotFound
 from corral.formats.domain_xml import ParsedDomain
+from corral.formats.snapshot_xml import ParsedSnapshot
 from corral.model import DomainPlan, HostFacts, PowerState
 
 ENTRY_POINT_GROUP = "corral.compute"
@@ -34,6 +35,8 @@ CONSOLE = "console"
 """``attach_console`` works: the driver can attach a terminal to a guest's serial port."""
 KERNEL_BOOT = "kernel-boot"
 """Plans with ``kernel_boot`` are honoured (QEMU loads the kernel, not the disk's loader)."""
+SNAPSHOTS = "snapshots"
+"""``snapshot_*`` work: internal snapshots of a domain's disk, with memory when it runs."""
 LIVE_MIGRATION = "live-migration"
 """``migrate_live`` works: a running domain moves to another host of the same driver."""
 
@@ -212,6 +215,35 @@ class ComputeDriver(abc.ABC):
         ``on_progress`` receives the fraction of the data sent, now and then, from
         another thread. Raises Conflict if the domain is not running.
         """
+
+    @abc.abstractmethod
+    def snapshot_create(self, name: str, snapshot: str, *,
+                        description: str | None = None) -> ParsedSnapshot:
+        """Snapshot domain ``name``: its memory and disk when it runs (a revert resumes
+        it there), its disk alone when it is shut off. Requires SNAPSHOTS.
+
+        The new snapshot is the child of the current one and becomes current. Raises
+        Conflict if a snapshot of that name exists, or the domain is paused or busy.
+        """
+
+    @abc.abstractmethod
+    def snapshots(self, name: str) -> list[ParsedSnapshot]:
+        """Every snapshot of domain ``name``, oldest first. Requires SNAPSHOTS."""
+
+    @abc.abstractmethod
+    def snapshot_current(self, name: str) -> str | None:
+        """The snapshot a revert or the last snapshot made current, if any."""
+
+    @abc.abstractmethod
+    def snapshot_revert(self, name: str, snapshot: str) -> None:
+        """Put domain ``name`` back as it was at ``snapshot``: disk, and for a snapshot
+        with memory, the running machine itself. Requires SNAPSHOTS. Raises NotFound
+        for an unknown snapshot."""
+
+    @abc.abstractmethod
+    def snapshot_delete(self, name: str, snapshot: str) -> None:
+        """Delete one snapshot; its children become its parent's. The machine's current
+        data never changes. Requires SNAPSHOTS. Raises NotFound for an unknown one."""
 
     # -- conveniences with a default --------------------------------------------------
 

@@ -28,6 +28,7 @@ from corral.compute.base import (
     CONSOLE,
     KERNEL_BOOT,
     LIVE_MIGRATION,
+    SNAPSHOTS,
     ComputeDriver,
     DomainSummary,
     LiveMigration,
@@ -40,6 +41,7 @@ from corral.formats.domain_xml import (
     relocate_domain_xml,
     safe_fromstring,
 )
+from corral.formats.snapshot_xml import ParsedSnapshot, build_snapshot_xml, parse_snapshot_xml
 from corral.model import DomainPlan, HostFacts, PowerState
 
 log = logging.getLogger(__name__)
@@ -229,7 +231,9 @@ def _pool_xml(name: str, path: str) -> str:
 class LibvirtDriver(ComputeDriver):
     """A libvirt host: ``qemu:///system``, ``qemu+ssh://host/system``, ``test:///default``."""
 
-    capabilities: ClassVar[frozenset[str]] = frozenset({CONSOLE, KERNEL_BOOT, LIVE_MIGRATION})
+    capabilities: ClassVar[frozenset[str]] = frozenset(
+        {CONSOLE, KERNEL_BOOT, LIVE_MIGRATION, SNAPSHOTS}
+    )
 
     def __init__(self, uri: str) -> None:
         super().__init__(uri)
@@ -610,7 +614,59 @@ class LibvirtDriver(ComputeDriver):
                 watcher.stop()
             on_progress(1.0)
 
+    # -- snapshots ----------------------------------------------------------------------
+
+    def snapshot_create(self, name: str, snapshot: str, *,
+                        description: str | None = None) -> ParsedSnapshot:
+        with self._translated(f"snapshot machine '{name}'", name):
+            dom = self._connection().lookupByName(name)
+            if snapshot in dom.snapshotListNames(0):
+                raise Conflict(f"Machine '{name}' already has a snapshot named '{snapshot}'.",
+                               hint="Pick another name, or delete that snapshot first.")
+            state = power_state(dom.state()[0])
+            if state is PowerState.PAUSED:
+                raise Conflict(f"Machine '{name}' is paused.",
+                               hint="Resume or stop it, then take the snapshot.")
+            xml = build_snapshot_xml(
+                snapshot, with_memory=bool(dom.isActive()), description=description,
+                disks=parse_domain_xml(dom.XMLDesc(0)).disks,
+            )
+            made = dom.snapshotCreateXML(xml, 0)
+            return parse_snapshot_xml(made.getXMLDesc(0))
+
+    def snapshots(self, name: str) -> list[ParsedSnapshot]:
+        with self._translated(f"list the snapshots of machine '{name}'", name):
+            dom = self._connection().lookupByName(name)
+            found = [parse_snapshot_xml(s.getXMLDesc(0)) for s in dom.listAllSnapshots(0)]
+        return sorted(found, key=lambda s: (s.created_at, s.name))
+
+    def snapshot_current(self, name: str) -> str | None:
+        with self._translated(f"read the current snapshot of machine '{name}'", name):
+            dom = self._connection().lookupByName(name)
+            if not dom.hasCurrentSnapshot(0):
+                return None
+            return str(dom.snapshotCurrent(0).getName())
+
+    def snapshot_revert(self, name: str, snapshot: str) -> None:
+        with self._translated(f"revert machine '{name}' to snapshot '{snapshot}'", name):
+            snap = self._snapshot(name, snapshot)
+            snap.getDomain().revertToSnapshot(snap, 0)
+
+    def snapshot_delete(self, name: str, snapshot: str) -> None:
+        with self._translated(f"delete snapshot '{snapshot}' of machine '{name}'", name):
+            self._snapshot(name, snapshot).delete(0)
+
     # -- helpers ------------------------------------------------------------------------
+
+    def _snapshot(self, name: str, snapshot: str) -> Any:
+        dom = self._connection().lookupByName(name)
+        try:
+            return dom.snapshotLookupByName(snapshot, 0)
+        except libvirt.libvirtError as exc:
+            if _code(exc) == libvirt.VIR_ERR_NO_DOMAIN_SNAPSHOT:
+                raise NotFound("snapshot", f"{name}@{snapshot}",
+                               hint=f"'corral vm snapshot list {name}' shows them.") from exc
+            raise
 
     def _find_uuid(self, machine_uuid: str) -> Any:
         try:

@@ -45,6 +45,7 @@ from corral.ops.jobs import (
     step,
 )
 from corral.ops.machines import domain_plan, machine_args, machine_from_args
+from corral.ops.snapshots import has_snapshots
 from corral.storage import qemu_img
 
 if TYPE_CHECKING:  # the scheduler brings numpy: not at every command's start
@@ -225,6 +226,11 @@ def prepare_migration(
     if live and LIVE_MIGRATION not in type(source.driver).capabilities:
         raise Conflict(f"Host '{m.host}' cannot move running machines.",
                        hint="Stop the machine and move it without the live option.")
+    if has_snapshots(source, name):
+        # libvirt moves no snapshot metadata, and a live move of a machine with internal
+        # snapshots is refused by QEMU: the tree would be lost or the move fail half-way.
+        raise Conflict(f"Machine '{name}' has snapshots, which cannot move with it.",
+                       hint=f"Delete them (corral vm snapshot list {name}), then move it.")
     target = ctx.on(choose_target(ctx, m, to))
     plan = _live_steps(ctx, m, source, target) if live else _cold_steps(ctx, m, source, target)
     kind = MIGRATE_LIVE if live else MIGRATE

@@ -28,6 +28,8 @@ from corral.api.schemas import (
     Page,
     PlacementOut,
     PlacementPlan,
+    SnapshotCreate,
+    SnapshotOut,
     UsageOut,
     as_utc,
 )
@@ -36,6 +38,7 @@ from corral.errors import NotFound
 from corral.model import Machine, MachineSpec, PlacementHints, RecordState
 from corral.ops import lifecycle, provision
 from corral.ops import migrate as move_ops
+from corral.ops import snapshots as snapshot_ops
 from corral.ops.accounts import Principal
 from corral.ops.context import Context
 from corral.ops.jobs import execute_job
@@ -254,6 +257,42 @@ def migrate(name: Name, body: MachineMigrate, caller: Caller, svc: ServicesDep) 
     job, _plan = move_ops.prepare_migration(svc.ctx, name, to=body.to, live=body.live)
     svc.worker.submit(f"moving {name}", execute_job, svc.ctx, job)
     return Accepted(jobs=[JobOut.of(job)])
+
+
+@router.get("/{name}/snapshots", summary="A machine's snapshots, oldest first")
+def list_snapshots(name: Name, caller: Caller, svc: ServicesDep) -> list[SnapshotOut]:
+    visible(svc.ctx, caller, name)
+    tree = snapshot_ops.tree(svc.ctx, name)
+    return [SnapshotOut.of(s, tree.current) for s in tree.snapshots]
+
+
+@router.post("/{name}/snapshots", status_code=201, summary="Take a snapshot",
+             responses=documented(409))
+def create_snapshot(name: Name, body: SnapshotCreate, caller: Caller,
+                    svc: ServicesDep) -> SnapshotOut:
+    """Of a running machine, with its memory (a revert resumes it); of a stopped one,
+    its disk. The new snapshot is the current one's child."""
+    caller.require_manage(visible(svc.ctx, caller, name).project)
+    made = snapshot_ops.create(svc.ctx, name, body.name, body.description)
+    return SnapshotOut.of(made, made.name)
+
+
+@router.post("/{name}/snapshots/{snapshot}/revert", summary="Revert to a snapshot",
+             responses=documented(409))
+def revert_snapshot(name: Name, snapshot: Name, caller: Caller,
+                    svc: ServicesDep) -> SnapshotOut:
+    """What the machine wrote since the snapshot is lost, unless another snapshot holds it."""
+    caller.require_manage(visible(svc.ctx, caller, name).project)
+    return SnapshotOut.of(snapshot_ops.revert(svc.ctx, name, snapshot), snapshot)
+
+
+@router.delete("/{name}/snapshots/{snapshot}", status_code=204, summary="Delete a snapshot",
+               responses=documented(409))
+def delete_snapshot(name: Name, snapshot: Name, caller: Caller, svc: ServicesDep) -> Response:
+    """Its children become its parent's; the machine's current data never changes."""
+    caller.require_manage(visible(svc.ctx, caller, name).project)
+    snapshot_ops.delete(svc.ctx, name, snapshot)
+    return Response(status_code=204)
 
 
 @router.delete(
