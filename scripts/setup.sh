@@ -19,6 +19,7 @@ PACKAGES=(
   chromium                              # the console's end-to-end tests (driven by Playwright)
   wrk                                   # HTTP load for the API benchmark (make bench)
   rsync                                 # the cold-migration benchmark's baseline
+  btrfs-progs xfsprogs                  # the btrfs and reflink (XFS) storage backends' tests
   python3-venv
 )
 

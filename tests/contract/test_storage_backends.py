@@ -1,16 +1,22 @@
-"""One StorageBackend suite, run on Qcow2DirBackend and on LibvirtPoolBackend.
+"""One StorageBackend suite, run on every backend this machine can hold.
 
-Never mocks libvirt: the pool backend runs on qemu:///system with a dir pool named
-``corral-test-<random>`` under /var/tmp, defined, started, destroyed and undefined
-around each test, its directory removed, pass or fail.
+Qcow2DirBackend, LibvirtPoolBackend, BtrfsBackend (on a btrfs made on a loop device)
+and ReflinkBackend (on XFS with reflink=1, likewise). lvm-thin, zfs and rbd cases
+skip, saying why. Never mocks libvirt: the pool backend runs on qemu:///system with a
+dir pool named ``corral-test-<random>`` under /var/tmp, defined, started, destroyed and
+undefined around each test, its directory removed, pass or fail. A loop-mounted
+filesystem is made from a sparse file under /var/tmp and unmounted, its loop device
+detached and its file removed, pass or fail.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import secrets
 import shutil
+import statistics
 import subprocess
 import time
 from collections.abc import Iterator
@@ -21,10 +27,19 @@ import libvirt
 import pytest
 
 from corral.errors import Conflict, CorralError, NotFound, StorageError
-from corral.storage.base import Hole, Piece, StorageBackend
+from corral.storage.base import (
+    LINKED_CLONE,
+    Hole,
+    Piece,
+    StorageBackend,
+    available_storage_backends,
+    load_storage_backend,
+)
+from corral.storage.btrfs import BtrfsBackend
 from corral.storage.libvirt_pool import LibvirtPoolBackend, VolumeSpec, volume_xml
 from corral.storage.qcow2_dir import Qcow2DirBackend
 from corral.storage.qemu_img import QemuImgLimits
+from corral.storage.reflink import ReflinkBackend
 from tests.libvirt_cleanup import remove_prefixed
 
 QEMU_URI = "qemu:///system"
@@ -50,8 +65,60 @@ def _pool_xml(name: str, path: Path) -> str:
     return ET.tostring(pool, encoding="unicode")
 
 
-@pytest.fixture(params=["qcow2-dir", "libvirt-pool"])
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, capture_output=True, text=True, check=True)
+
+
+MKFS = {"btrfs": ["mkfs.btrfs", "-q"], "xfs": ["mkfs.xfs", "-q", "-m", "reflink=1"]}
+
+
+@contextlib.contextmanager
+def loop_mounted(fs: str, top: Path) -> Iterator[Path]:
+    """A fresh ``fs`` on a loop device over a 2 GiB sparse file in ``top``, mounted on
+    ``top/mnt``; unmounted and detached on the way out, whatever happened."""
+    if shutil.which(MKFS[fs][0]) is None:
+        pytest.skip(f"{MKFS[fs][0]} is not installed (scripts/setup.sh installs it)")
+    image, mnt = top / f"{fs}.img", top / "mnt"
+    with image.open("wb") as f:
+        f.truncate(2 << 30)
+    mnt.mkdir()
+    attach = subprocess.run(["losetup", "-f", "--show", str(image)],
+                            capture_output=True, text=True, check=False)
+    if attach.returncode != 0:
+        pytest.skip(f"this machine has no free loop device: {attach.stderr.strip()}")
+    device = attach.stdout.strip()
+    try:
+        run(*MKFS[fs], device)
+        run("mount", device, str(mnt))
+        try:
+            yield mnt
+        finally:
+            if subprocess.run(["umount", str(mnt)], check=False).returncode != 0:
+                subprocess.run(["umount", "-l", str(mnt)], check=False)
+    finally:
+        subprocess.run(["losetup", "-d", device], check=False)
+
+
+def missing_backend(name: str) -> str:
+    """Why a backend's case cannot run on this machine."""
+    if name == "lvm-thin":
+        if not Path("/dev/mapper/control").exists():
+            return "lvm-thin: this machine has no device-mapper"
+        return "lvm-thin: no backend is written yet"
+    if name == "zfs":
+        if not Path("/dev/zfs").exists():
+            return "zfs: this machine has no ZFS (not in Debian's main archive)"
+        return "zfs: no backend is written yet"
+    if not Path("/etc/ceph/ceph.conf").exists():
+        return "rbd: this machine has no Ceph cluster"
+    return "rbd: no backend is written yet"
+
+
+@pytest.fixture(params=["qcow2-dir", "libvirt-pool", "btrfs", "reflink-xfs",
+                        "lvm-thin", "zfs", "rbd"])
 def env(request: pytest.FixtureRequest) -> Iterator[Env]:
+    if request.param in ("lvm-thin", "zfs", "rbd"):
+        pytest.skip(missing_backend(request.param))
     prefix = f"corral-test-{secrets.token_hex(3)}"
     top = Path("/var/tmp") / prefix
     root, scratch = top / "pool", top / "scratch"
@@ -60,6 +127,12 @@ def env(request: pytest.FixtureRequest) -> Iterator[Env]:
         if request.param == "qcow2-dir":
             root.mkdir()
             yield Env(Qcow2DirBackend(root, LIMITS), root, scratch)
+            return
+        if request.param in ("btrfs", "reflink-xfs"):
+            fs, kind = ("btrfs", BtrfsBackend) if request.param == "btrfs" else (
+                "xfs", ReflinkBackend)
+            with loop_mounted(fs, top) as mnt:
+                yield Env(kind(mnt, LIMITS), mnt, scratch)
             return
         try:
             conn = libvirt.open(QEMU_URI)
@@ -100,6 +173,42 @@ def sparse_file(path: Path, size: int, pieces: dict[int, bytes]) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def overlays(env: Env) -> bool:
+    """Whether a linked clone is a qcow2 overlay reading through its base (else it is
+    a file standing alone, sharing the base's extents)."""
+    return not isinstance(env.backend, ReflinkBackend)
+
+
+def make_template(env: Env, name: str, size: str, data: str) -> Path:
+    """A qcow2 base at ``volume_path(name)`` holding ``data`` bytes of 0xab; on btrfs in a
+    subvolume of its own, as the backend keeps its volumes (so clones are snapshots)."""
+    path = env.backend.volume_path(name)
+    if path.parent != env.root:
+        run("btrfs", "subvolume", "create", str(path.parent))
+    qemu_img("create", "-q", "-f", "qcow2", str(path), size)
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", f"write -P 0xab 0 {data}", str(path)],
+                   check=True, capture_output=True)
+    assert env.backend.exists(path)
+    return path
+
+
+def reads(path: Path, pattern: int, offset: str, length: str) -> bool:
+    """Whether the guest-visible bytes of the qcow2 ``path`` at offset are ``pattern``."""
+    result = subprocess.run(
+        ["qemu-io", "-f", "qcow2", "-r", "-c", f"read -P {pattern:#x} {offset} {length}",
+         str(path)], capture_output=True, text=True, check=False)
+    return result.returncode == 0 and "verification failed" not in result.stdout
+
+
+def guest_digest(env: Env, path: Path) -> str:
+    raw = env.scratch / f"{path.stem}.raw"
+    qemu_img("convert", "-f", "qcow2", "-O", "raw", str(path), str(raw))
+    try:
+        return hashlib.sha256(raw.read_bytes()).hexdigest()
+    finally:
+        raw.unlink()
+
+
 def one_sentence(err: CorralError) -> None:
     text = err.message
     assert text and (text[0].isupper() or text.startswith("qemu-img")), text  # a name may lead
@@ -112,7 +221,10 @@ def one_sentence(err: CorralError) -> None:
 
 def test_volume_path_is_pure(env: Env) -> None:
     path = env.backend.volume_path("web-1")
-    assert path == env.root / "web-1.qcow2"
+    if isinstance(env.backend, BtrfsBackend):  # a subvolume per volume
+        assert path == env.root / "web-1" / "web-1.qcow2"
+    else:
+        assert path == env.root / "web-1.qcow2"
     assert not env.backend.exists(path)
 
 
@@ -126,14 +238,17 @@ def test_linked_clone_reads_as_base_and_owns_little(env: Env) -> None:
     assert usage.owned_bytes < MiB
     assert usage.shared_bytes >= 4 * MiB
     info = qemu_img("info", "--output=json", str(clone)).stdout
-    assert str(base) in info
+    if overlays(env):
+        assert str(base) in info
+    else:
+        assert "backing" not in info
 
 
 def test_linked_clone_onto_an_existing_volume_is_a_conflict(env: Env) -> None:
     base = make_base(env)
     clone = env.backend.volume_path("clone")
     env.backend.linked_clone(base, clone, 64 * MiB)
-    if isinstance(env.backend, Qcow2DirBackend):
+    if type(env.backend) is Qcow2DirBackend:
         pytest.skip("the local backend's overlay writer replaces files; ops checks first")
     with pytest.raises(Conflict) as err:
         env.backend.linked_clone(base, clone, 64 * MiB)
@@ -163,7 +278,8 @@ def test_copy_keeps_the_backing_reference(env: Env) -> None:
     env.backend.copy(clone, copy)
     assert env.backend.sha256(copy) == env.backend.sha256(clone)
     qemu_img("compare", "-f", "qcow2", "-F", "qcow2", str(clone), str(copy))
-    assert str(base) in qemu_img("info", "--output=json", str(copy)).stdout
+    info = qemu_img("info", "--output=json", str(copy)).stdout
+    assert (str(base) in info) if overlays(env) else ("backing" not in info)
 
 
 def test_delete_is_idempotent(env: Env) -> None:
@@ -358,7 +474,7 @@ def test_write_range_refuses_pieces_of_another_length(env: Env) -> None:
 
 
 def test_errors_are_corral_errors_in_one_sentence(env: Env) -> None:
-    if isinstance(env.backend, LibvirtPoolBackend):  # the local one writes without looking
+    if type(env.backend) is not Qcow2DirBackend:  # the local one writes without looking
         with pytest.raises(CorralError) as err:
             env.backend.linked_clone(env.root / "no-base.qcow2", env.root / "c.qcow2", MiB)
         one_sentence(err.value)
@@ -374,3 +490,95 @@ def test_volume_xml_is_built_from_typed_values() -> None:
     assert "<name>a&lt;b</name>" in xml
     assert "<path>/p/b&amp;c.qcow2</path>" in xml
     assert "<capacity unit=\"bytes\">5</capacity>" in xml
+
+
+# -- clones: time, isolation, deletion, accounting ---------------------------------------
+
+
+def test_a_clone_takes_constant_time(env: Env) -> None:
+    """A 1 GiB base holding 256 MiB clones as fast as a 16 MiB one: medians of runs
+    taken in turn, the first of each dropped. 1.2 is the goal; 2 ms more absorbs the
+    jitter of clones that take well under a millisecond. A copy of 256 MiB takes tens
+    of milliseconds at least, so it cannot pass."""
+    big = make_template(env, "big", "1G", "256M")
+    small = make_template(env, "small", "16M", "8M")
+    os.sync()
+    times: dict[Path, list[float]] = {big: [], small: []}
+    for i in range(8):
+        for base, size in ((big, 1 << 30), (small, 16 * MiB)):
+            dest = env.backend.volume_path(f"{base.stem}-{i}")
+            start = time.perf_counter()
+            env.backend.linked_clone(base, dest, size)
+            times[base].append(time.perf_counter() - start)
+    med_big = statistics.median(times[big][1:])
+    med_small = statistics.median(times[small][1:])
+    print(f"\n{type(env.backend).__name__}: clone 1 GiB {med_big * 1e3:.2f} ms, "
+          f"16 MiB {med_small * 1e3:.2f} ms, ratio {med_big / med_small:.2f}")
+    assert med_big <= 1.2 * med_small + 0.002
+    assert reads(env.backend.volume_path("big-7"), 0xAB, "255M", "1M")
+
+
+def test_a_clones_writes_are_isolated_from_its_base_and_siblings(env: Env) -> None:
+    base = make_template(env, "tmpl", "64M", "4M")
+    a, b = env.backend.volume_path("a"), env.backend.volume_path("b")
+    env.backend.linked_clone(base, a, 64 * MiB)
+    env.backend.linked_clone(base, b, 64 * MiB)
+    for path, command in ((a, "write -P 0xcd 0 1M"), (b, "write -P 0xef 1M 1M")):
+        subprocess.run(["qemu-io", "-f", "qcow2", "-c", command, str(path)],
+                       check=True, capture_output=True)
+    assert reads(base, 0xAB, "0", "4M")
+    assert reads(a, 0xCD, "0", "1M") and reads(a, 0xAB, "1M", "3M")
+    assert reads(b, 0xAB, "0", "1M") and reads(b, 0xEF, "1M", "1M")
+    assert reads(b, 0xAB, "2M", "2M")
+    assert not reads(a, 0xAB, "0", "1M")  # the check itself can fail
+
+
+def test_deleting_a_base_with_clones_is_refused_or_safe(env: Env) -> None:
+    if overlays(env):
+        pytest.skip(f"{type(env.backend).__name__}.delete does not look for overlays "
+                    "reading through the base yet (qcow2_dir.py/libvirt_pool.py, another slice)")
+    base = make_template(env, "tmpl", "64M", "4M")
+    clone = env.backend.volume_path("web-1")
+    env.backend.linked_clone(base, clone, 64 * MiB)
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0xcd 0 1M", str(clone)],
+                   check=True, capture_output=True)
+    before = guest_digest(env, clone)
+    try:
+        env.backend.delete(base)
+    except Conflict as err:
+        one_sentence(err.value)
+        assert env.backend.exists(base)
+    else:
+        assert not env.backend.exists(base)
+        assert not base.parent.exists() or base.parent == env.root  # its subvolume too
+    assert guest_digest(env, clone) == before
+    assert reads(clone, 0xAB, "1M", "3M")
+
+
+def test_usage_matches_what_the_filesystem_reports(env: Env) -> None:
+    if not isinstance(env.backend, BtrfsBackend):
+        pytest.skip("only btrfs has a second tool here to compare with (btrfs filesystem du)")
+    base = make_template(env, "tmpl", "64M", "8M")
+    clone = env.backend.volume_path("web-1")
+    env.backend.linked_clone(base, clone, 64 * MiB)
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0xcd 0 2M", str(clone)],
+                   check=True, capture_output=True)
+    usage = env.backend.usage(clone)
+    run("sync")
+    line = run("btrfs", "filesystem", "du", "--raw", str(clone)).stdout.splitlines()[1]
+    total, exclusive = (int(x) for x in line.split()[:2])
+    assert (usage.owned_bytes, usage.shared_bytes) == (exclusive, total - exclusive)
+    assert 2 * MiB <= usage.owned_bytes < 4 * MiB  # what the clone wrote
+    assert usage.shared_bytes >= 6 * MiB  # the base's data it did not overwrite
+    assert usage.virtual_size == 64 * MiB
+
+
+def test_storage_backends_are_entry_points() -> None:
+    assert {"qcow2", "btrfs", "reflink"} <= set(available_storage_backends())
+    backend = load_storage_backend("btrfs", Path("/nonexistent"), LIMITS)
+    assert isinstance(backend, BtrfsBackend) and LINKED_CLONE in backend.capabilities
+    assert type(load_storage_backend("qcow2", Path("/x"), LIMITS)) is Qcow2DirBackend
+    with pytest.raises(CorralError) as err:
+        load_storage_backend("zfs", Path("/x"), LIMITS)
+    assert "btrfs" in err.value.message
+    one_sentence(err.value)

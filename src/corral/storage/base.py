@@ -9,16 +9,22 @@ from __future__ import annotations
 import abc
 import hashlib
 from collections.abc import Callable, Generator, Iterable
+from importlib.metadata import entry_points
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, cast
 
-from corral.errors import NotFound, StorageError
+from corral.errors import CorralError, DriverNotFound, NotFound, StorageError
 from corral.model import DiskUsage
+from corral.storage.qemu_img import QemuImgLimits
 from corral.storage.sparse import PIECE_BYTES, Hole, Piece, file_pieces, hash_piece
 
 __all__ = [
-    "FULL_CLONE", "LINKED_CLONE", "PIECE_BYTES", "Hole", "Piece", "Progress", "StorageBackend",
+    "ENTRY_POINT_GROUP", "FULL_CLONE", "LINKED_CLONE", "LIVE_SNAPSHOT", "PIECE_BYTES",
+    "SHARED_BETWEEN_HOSTS", "SNAPSHOT", "THIN_PROVISIONING", "Hole", "Piece", "Progress",
+    "StorageBackend", "available_storage_backends", "load_storage_backend",
 ]
+
+ENTRY_POINT_GROUP = "corral.storage"
 
 Progress = Callable[[float], None]
 
@@ -26,6 +32,18 @@ LINKED_CLONE = "linked-clone"
 """The backend can make a copy-on-write clone in constant time."""
 FULL_CLONE = "full-clone"
 """The backend can make an independent copy."""
+SNAPSHOT = "snapshot"
+"""The backend can snapshot a stopped machine's volume and revert to it. Declared by no
+backend yet: the contract has no snapshot verb (machine snapshots are qcow2-internal,
+through the compute driver)."""
+LIVE_SNAPSHOT = "live-snapshot"
+"""As SNAPSHOT, of a running machine's volume, consistent with its memory. Declared by
+no backend yet, for the same reason."""
+THIN_PROVISIONING = "thin-provisioning"
+"""A volume takes space only as it is written: its virtual size is not reserved."""
+SHARED_BETWEEN_HOSTS = "shared-between-hosts"
+"""Every host of the pool sees the same volumes (NFS, Ceph…), so a machine moves
+without copying its disks."""
 
 
 class StorageBackend(abc.ABC):
@@ -165,3 +183,25 @@ class StorageBackend(abc.ABC):
             length += hash_piece(digest, piece)
         return digest.hexdigest(), length
 
+
+
+def available_storage_backends() -> list[str]:
+    """The names of the ``corral.storage`` entry points installed (``qcow2``, ``btrfs``…)."""
+    return sorted(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP))
+
+
+def load_storage_backend(name: str, directory: Path, limits: QemuImgLimits) -> StorageBackend:
+    """A backend for the pool mounted at ``directory``, by its entry-point name.
+
+    Every ``corral.storage`` plugin is a StorageBackend class constructed as
+    ``cls(directory, limits)``. Touches nothing yet. Raises DriverNotFound, listing the
+    names there are, for an unknown name.
+    """
+    found = {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    if name not in found:
+        raise DriverNotFound(ENTRY_POINT_GROUP, name, sorted(found))
+    backend_class = found[name].load()
+    if not (isinstance(backend_class, type) and issubclass(backend_class, StorageBackend)):
+        raise CorralError(f"The {ENTRY_POINT_GROUP} plugin '{name}' is not a StorageBackend.")
+    factory = cast(Callable[[Path, QemuImgLimits], StorageBackend], backend_class)
+    return factory(directory, limits)

@@ -1,0 +1,154 @@
+"""Volumes on btrfs, one subvolume per volume: a linked clone is a subvolume snapshot.
+
+``volume_path("web-1")`` is ``<pool>/web-1/web-1.qcow2``, where ``<pool>/web-1`` is a
+subvolume holding that one file. Cloning a volume that is alone in its subvolume
+snapshots the subvolume: constant time whatever the disk's size, format (raw too) or
+extent count. Otherwise (a base that shares its directory with other files) the clone
+is a reflink of the file (``corral.storage.reflink``), whose time grows with the base's
+extent count.
+
+A clone stands alone: it shares extents with its base but does not read through it.
+So deleting a base whose clones still exist is safe, not refused: the clones keep
+their data, and the space the base held stays in use until the last clone is gone.
+Usage comes from FIEMAP's shared flag, the numbers ``btrfs filesystem du`` shows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import ClassVar
+
+from corral.errors import Conflict, NoSpace, NotFound, StorageError
+from corral.storage.base import FULL_CLONE, LINKED_CLONE, THIN_PROVISIONING, Progress
+from corral.storage.reflink import ReflinkBackend, grow
+
+_SUBVOLUME_ROOT_INODE = 256  # the inode number of every btrfs subvolume's top directory
+
+
+class BtrfsBackend(ReflinkBackend):
+    """A directory on btrfs (the pool's top, which may itself be a subvolume)."""
+
+    capabilities: ClassVar[frozenset[str]] = frozenset(
+        {LINKED_CLONE, FULL_CLONE, THIN_PROVISIONING}
+    )
+
+    def volume_path(self, name: str) -> Path:
+        return self.directory / name / f"{name}.qcow2"
+
+    def linked_clone(self, base: Path, dest: Path, virtual_size: int) -> None:
+        """A snapshot of ``base``'s subvolume when ``base`` is alone in one and ``dest``
+        gets one of its own (a ``volume_path``); else a reflink. Then grown to
+        ``virtual_size``. Raises Conflict if ``dest`` or its subvolume exists; on
+        failure neither does."""
+        home = self._home(dest)
+        if home is None or not _alone_in_subvolume(base):
+            with self._new_home(dest):
+                super().linked_clone(base, dest, virtual_size)
+            return
+        if home.exists():
+            raise Conflict(f"Cannot clone onto {dest}: {home} already exists.")
+        _btrfs("snapshot", base.parent, home)
+        try:
+            if base.name != dest.name:
+                (home / base.name).rename(dest)
+            grow(dest, virtual_size, self.limits)
+        except BaseException:
+            _delete_subvolume(home)
+            raise
+
+    def full_clone(
+        self, base: Path, dest: Path, virtual_size: int, progress: Progress | None = None
+    ) -> None:
+        with self._new_home(dest):
+            super().full_clone(base, dest, virtual_size, progress)
+
+    def copy(self, source: Path, dest: Path) -> None:
+        with self._new_home(dest):
+            super().copy(source, dest)
+
+    def put_file(self, source: Path, dest: Path) -> None:
+        with self._new_home(dest):
+            super().put_file(source, dest)
+
+    def create_empty(self, dest: Path) -> None:
+        with self._new_home(dest):
+            super().create_empty(dest)
+
+    def delete(self, path: Path) -> None:
+        """Remove the volume; its subvolume too when it holds nothing else. Idempotent."""
+        home = self._home(path)
+        if home is not None and _is_subvolume(home):
+            try:
+                rest = {p.name for p in home.iterdir()} - {path.name}
+            except FileNotFoundError:
+                return
+            if not rest:
+                _delete_subvolume(home)
+                return
+        super().delete(path)
+
+    # -- where a volume lives ---------------------------------------------------------
+
+    def _home(self, path: Path) -> Path | None:
+        """The subvolume of its own that ``path`` lives in (or would), or None when
+        ``path`` is anywhere else (a file at the pool's top, a console log…)."""
+        return path.parent if path.parent.parent == self.directory else None
+
+    @contextlib.contextmanager
+    def _new_home(self, dest: Path) -> Iterator[None]:
+        """Create ``dest``'s subvolume if it has none yet; remove it again if the body
+        fails, so that a failed create leaves nothing behind."""
+        home = self._home(dest)
+        if home is None or home.exists():
+            yield
+            return
+        _btrfs("create", home)
+        try:
+            yield
+        except BaseException:
+            _delete_subvolume(home)
+            raise
+
+
+def _is_subvolume(path: Path) -> bool:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return False
+    return st.st_ino == _SUBVOLUME_ROOT_INODE and path.is_dir()
+
+
+def _alone_in_subvolume(path: Path) -> bool:
+    if not _is_subvolume(path.parent):
+        return False
+    try:
+        return [p.name for p in path.parent.iterdir()] == [path.name] and path.is_file()
+    except FileNotFoundError:
+        return False
+
+
+def _delete_subvolume(path: Path) -> None:
+    if path.exists():
+        _btrfs("delete", path)
+
+
+def _btrfs(verb: str, *paths: Path) -> None:
+    """``btrfs subvolume VERB PATHS…``, its failure translated to one sentence."""
+    try:
+        result = subprocess.run(
+            ["btrfs", "subvolume", verb, *(str(p) for p in paths)],
+            capture_output=True, text=True, check=False,
+        )
+    except FileNotFoundError:
+        raise StorageError("The btrfs command is not installed (btrfs-progs).") from None
+    if result.returncode == 0:
+        return
+    detail = (result.stderr.strip().splitlines() or ["failed"])[-1].removeprefix("ERROR: ")
+    if "No space left" in detail:
+        raise NoSpace(f"The btrfs pool holding {paths[-1]} is full; free space and retry.")
+    if "No such file" in detail and verb == "snapshot":
+        raise NotFound("volume", str(paths[0]), called="at")
+    raise StorageError(f"Could not {verb} the subvolume {paths[-1]}: {detail.rstrip('.')}.")
