@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from functools import partial
 
 import libvirt
 
@@ -16,7 +17,7 @@ def remove_prefixed(uri: str, prefix: str) -> None:
     try:
         for dom in conn.listAllDomains(0):
             if dom.name().startswith(prefix):
-                for action in (dom.destroy, dom.undefine):
+                for action in (dom.destroy, partial(_undefine, dom)):
                     with contextlib.suppress(libvirt.libvirtError):
                         action()
         for obj in [*conn.listAllNetworks(0), *conn.listAllStoragePools(0)]:
@@ -42,7 +43,7 @@ def remove_with_disks_under(uri: str, root: str) -> None:
                 dom = conn.lookupByName(name)
                 if dom.isActive():
                     dom.destroy()
-                dom.undefine()
+                _undefine(dom)
     finally:
         conn.close()
 
@@ -63,3 +64,10 @@ def domains_with_disks_under(uri: str, root: str) -> list[str]:
         return found
     finally:
         conn.close()
+
+
+def _undefine(dom: libvirt.virDomain) -> None:
+    """Undefine, snapshots and all: a plain undefine refuses a domain with snapshots."""
+    dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+                      | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+                      | libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA)

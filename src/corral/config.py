@@ -68,6 +68,8 @@ class Settings(BaseSettings):
     """Seconds between health checks of every host by the server."""
     host_timeout: float = 10.0
     """Seconds a host may take to answer a health check before it is marked down."""
+    pool_fill_limit: float = Field(default=0.95, gt=0, le=1)
+    """No new disk goes into a pool filled past this fraction; 1 turns the guard off."""
     migration_bandwidth_mib: int = Field(default=0, ge=0)
     """MiB/s a live migration may use on the wire; 0: as much as it can."""
     failpoint: str | None = Field(default=None, repr=False)

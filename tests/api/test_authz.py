@@ -148,6 +148,7 @@ ROWS = [
     Row("POST", "/pool/rebalance", _admin_only(202),
         _simple("POST", "/pool/rebalance", json={"max_moves": 1})),
     Row("GET", "/pools", _everyone(200), _simple("GET", "/pools")),
+    Row("GET", "/pools/usage", _admin_only(200), _simple("GET", "/pools/usage")),
     Row("GET", "/images", _everyone(200), _simple("GET", "/images")),
     Row("GET", "/images/{name}", _p1_reader(), _simple("GET", "/images/img-p1")),
     Row("POST", "/images", _p1_manager(202), _upload),

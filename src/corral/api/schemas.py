@@ -30,6 +30,7 @@ from corral.model import (
     User,
 )
 from corral.model.machine import DiskUsage
+from corral.ops.usage import PoolUsage
 
 Name = Annotated[str, StringConstraints(pattern=r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")]
 T = TypeVar("T")
@@ -605,6 +606,46 @@ class ProjectOut(BaseModel):
             usage=UsageCounts(machines=used.machines, cpus=used.cpus,
                               memory_bytes=used.memory_bytes, disk_bytes=used.disk_bytes),
             created_at=p.created_at,
+        )
+
+
+class MachineSpaceOut(BaseModel):
+    name: str
+    virtual_size: int
+    owned_bytes: int = Field(description="Allocated to the machine's own files (USED).")
+    shared_bytes: int = Field(description="Allocated to the bases it reads through.")
+    base: str | None
+
+
+class ImageSpaceOut(BaseModel):
+    name: str
+    virtual_size: int
+    allocated_bytes: int
+
+
+class PoolUsageOut(BaseModel):
+    host: str
+    pool: str
+    path: str
+    capacity_bytes: int
+    used_bytes: int = Field(description="Allocated in the pool's filesystem by anyone.")
+    available_bytes: int
+    fill: float = Field(ge=0, le=1, description="used / (used + available), as df counts.")
+    machines: list[MachineSpaceOut]
+    images: list[ImageSpaceOut]
+    unreadable: list[str] = Field(description="Machines or images whose files were unreadable.")
+
+    @classmethod
+    def of(cls, u: PoolUsage) -> PoolUsageOut:
+        return cls(
+            host=u.host, pool=u.pool, path=u.path, capacity_bytes=u.capacity_bytes,
+            used_bytes=u.used_bytes, available_bytes=u.available_bytes, fill=u.fill,
+            machines=[MachineSpaceOut(name=m.name, virtual_size=m.virtual_size,
+                                      owned_bytes=m.owned_bytes, shared_bytes=m.shared_bytes,
+                                      base=m.base) for m in u.machines],
+            images=[ImageSpaceOut(name=i.name, virtual_size=i.virtual_size,
+                                  allocated_bytes=i.allocated_bytes) for i in u.images],
+            unreadable=u.unreadable,
         )
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -36,6 +36,7 @@ from corral.ops import hosts as host_ops
 from corral.ops import images as image_ops
 from corral.ops import lifecycle, provision
 from corral.ops import snapshots as snapshot_ops
+from corral.ops import usage as usage_ops
 from corral.ops.context import Context
 
 Row = dict[str, Any]
@@ -101,6 +102,7 @@ class Backend(Protocol):
     def rebalance(self, max_moves: int) -> list[Row]: ...
     def migrate(self, name: str, to: str | None, live: bool, progress: Progress) -> Row: ...
     def snapshots(self, name: str) -> list[Row]: ...
+    def pool_usage(self, host: str | None) -> list[Row]: ...
     def create_snapshot(self, name: str, snapshot: str, description: str | None) -> Row: ...
     def revert_snapshot(self, name: str, snapshot: str) -> Row: ...
     def delete_snapshot(self, name: str, snapshot: str) -> None: ...
@@ -309,6 +311,10 @@ class LocalBackend:
             return move_dict(migrate.migrate(self.ctx, name, to=to, live=live))
         finally:
             self.ctx.on_progress = None
+
+    def pool_usage(self, host: str | None) -> list[Row]:
+        # The same keys as the API's PoolUsageOut: the dataclass's fields.
+        return [asdict(u) for u in usage_ops.pool_usage(self.ctx, host)]
 
     def snapshots(self, name: str) -> list[Row]:
         tree = snapshot_ops.tree(self.ctx, name)

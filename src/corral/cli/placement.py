@@ -13,7 +13,7 @@ from corral.cli.common import OutputOpt
 from corral.cli.render import Output, emit, finish_moves, move_line, out
 from corral.errors import InvalidInput
 from corral.model import GroupPolicy, MachineSpec, PlacementHints
-from corral.model.units import parse_size
+from corral.model.units import format_size, parse_size
 
 app = typer.Typer(help="Why machines go where they go.", no_args_is_help=True)
 pool = typer.Typer(help="The pool of hosts as a whole.", no_args_is_help=True)
@@ -96,6 +96,34 @@ def explain(
         out.print(explained["hint"], highlight=False)
     for line in explained["lines"]:
         typer.echo(line)
+
+
+@pool.command()
+def usage(
+    host: Annotated[str | None, typer.Argument(help="one host's pool (default: all)")] = None,
+    output: OutputOpt = Output.TABLE,
+) -> None:
+    """What each pool, machine and image uses: a machine's own bytes (USED, in ZFS's
+    words) and those it shares with its base (REFER − USED)."""
+    with backend() as b:
+        pools = b.pool_usage(host)
+    if output is Output.JSON:
+        emit(pools, output, Table())
+        return
+    for p in pools:
+        out.print(f"[bold]{p['host']}[/] pool {p['pool']} ({p['path']}): "
+                  f"{format_size(p['used_bytes'])} used, {format_size(p['available_bytes'])} "
+                  f"free of {format_size(p['capacity_bytes'])} ({100 * p['fill']:.0f} % full)")
+        t = Table("MACHINE", "VIRTUAL", "OWNED", "SHARED", "BASE", box=None)
+        for m in p["machines"]:
+            t.add_row(m["name"], format_size(m["virtual_size"]), format_size(m["owned_bytes"]),
+                      format_size(m["shared_bytes"]), m["base"] or "-")
+        for i in p["images"]:
+            t.add_row(f"image {i['name']}", format_size(i["virtual_size"]),
+                      format_size(i["allocated_bytes"]), "-", "-")
+        out.print(t)
+        if p["unreadable"]:
+            out.print(f"Could not read: {', '.join(p['unreadable'])}.")
 
 
 @pool.command()

@@ -501,6 +501,9 @@ class RemoteBackend:
                 "shared_storage": after["disk_path"] == before["disk_path"],
                 "seconds": round(time.monotonic() - started, 2), "job": end["id"]}
 
+    def pool_usage(self, host: str | None) -> list[Row]:
+        return list(self.api.get("/pools/usage", host=host))
+
     def snapshots(self, name: str) -> list[Row]:
         return list(self.api.get(f"/machines/{name}/snapshots"))
 

@@ -42,6 +42,22 @@ LIVE_MIGRATION = "live-migration"
 
 
 @dataclass(frozen=True, slots=True)
+class PoolSpace:
+    capacity: int
+    allocation: int
+    """Bytes in use in the pool's filesystem, whoever uses them."""
+    available: int
+    """Bytes that can still be written (less than capacity − allocation where the
+    filesystem reserves some)."""
+
+    @property
+    def fill(self) -> float:
+        """Used / (used + available): what ``df`` calls Use%."""
+        usable = self.allocation + self.available
+        return self.allocation / usable if usable else 0.0
+
+
+@dataclass(frozen=True, slots=True)
 class LiveMigration:
     """Where and how a running domain moves (see ``ComputeDriver.migrate_live``)."""
 
@@ -119,6 +135,11 @@ class ComputeDriver(abc.ABC):
     @abc.abstractmethod
     def pool_capacity(self, name: str) -> tuple[int, int]:
         """A storage pool's capacity and available bytes."""
+
+    @abc.abstractmethod
+    def pool_space(self, name: str, *, fresh: bool = False) -> PoolSpace:
+        """A storage pool's space as its host keeps count of it, or with ``fresh`` as it
+        finds it after looking at its storage again (unless busy writing there)."""
 
     # -- domains ----------------------------------------------------------------------
 

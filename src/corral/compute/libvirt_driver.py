@@ -32,6 +32,7 @@ from corral.compute.base import (
     ComputeDriver,
     DomainSummary,
     LiveMigration,
+    PoolSpace,
 )
 from corral.errors import Conflict, CorralError, HypervisorError, HypervisorUnavailable, NotFound
 from corral.formats.domain_xml import (
@@ -348,6 +349,19 @@ class LibvirtDriver(ComputeDriver):
             # capacity is known without it.
             _state, capacity, _allocation, available = pool.info()
         return int(capacity), int(available)
+
+    def pool_space(self, name: str, *, fresh: bool = False) -> PoolSpace:
+        conn = self._connection()
+        with self._translated(f"read storage pool '{name}'", name):
+            pool = conn.storagePoolLookupByName(name)
+            try:
+                if fresh:  # a refresh reads every volume's header: not on a hot path
+                    pool.refresh(0)
+            except libvirt.libvirtError as exc:
+                # libvirt refuses a refresh while an upload or a build runs in the pool
+                log.debug("pool %s not refreshed: %s", name, _detail(exc))
+            _state, capacity, allocation, available = pool.info()
+        return PoolSpace(int(capacity), int(allocation), int(available))
 
     def kvm_device_present(self) -> bool:
         conn = self._connection()

@@ -46,6 +46,7 @@ from corral.ops.jobs import (
 )
 from corral.ops.machines import domain_plan, machine_args, machine_from_args
 from corral.ops.snapshots import has_snapshots
+from corral.ops.usage import require_room
 from corral.storage import qemu_img
 
 if TYPE_CHECKING:  # the scheduler brings numpy: not at every command's start
@@ -69,6 +70,7 @@ def _send(ctx: Context, a: dict[str, Any]) -> None:
     verified by sha256; a qcow2 overlay is re-pointed at the target's copy of its base."""
     source, target = ctx.on(a["source_host"]), ctx.on(a["host"])
     src, dest = Path(a["source"]), Path(a["path"])
+    require_room(ctx, target, f"the file {dest.name}")
     if a["backing"] is None:
         # Pool to pool, read, written and read back chunk by chunk at once: a full
         # clone's disk may be large, and a temporary copy would cost a pass more.
@@ -90,7 +92,9 @@ def _send(ctx: Context, a: dict[str, Any]) -> None:
 @step("disk.prepare", undo=_delete_target_file)
 def _prepare_disk(ctx: Context, a: dict[str, Any]) -> None:
     """The empty overlay a live migration fills: libvirt copies only the top layer."""
-    storage = ctx.on(a["host"]).storage
+    handle = ctx.on(a["host"])
+    require_room(ctx, handle, f"the disk {Path(a['path']).name}")
+    storage = handle.storage
     dest = Path(a["path"])
     storage.delete(dest)
     storage.linked_clone(Path(a["backing"]), dest, a["size"])

@@ -17,6 +17,7 @@ from corral.ops.context import Context, HostHandle
 from corral.ops.distribute import ensure_image
 from corral.ops.jobs import nothing, step
 from corral.ops.machines import domain_plan, machine_from_args
+from corral.ops.usage import require_room
 
 
 def _on(ctx: Context, a: dict[str, Any]) -> HostHandle:
@@ -71,7 +72,9 @@ def _ensure_image(ctx: Context, a: dict[str, Any]) -> None:
 def _clone_image(ctx: Context, a: dict[str, Any]) -> None:
     """A new disk from a library image, linked (overlay) or full (copy)."""
     dest, base = Path(a["path"]), Path(a["base"])
-    storage = _on(ctx, a).storage
+    handle = _on(ctx, a)
+    require_room(ctx, handle, f"the disk {dest.name}")
+    storage = handle.storage
     storage.delete(dest)  # a crash may have left a partial one
     if CloneMode(a["mode"]) is CloneMode.LINKED:
         storage.linked_clone(base, dest, a["size"])
@@ -83,7 +86,9 @@ def _clone_image(ctx: Context, a: dict[str, Any]) -> None:
 def _copy_disk(ctx: Context, a: dict[str, Any]) -> None:
     """A machine's disk copied for a clone: the overlay alone (linked) or flattened (full)."""
     src, dest = Path(a["source"]), Path(a["path"])
-    storage = _on(ctx, a).storage
+    handle = _on(ctx, a)
+    require_room(ctx, handle, f"the disk {dest.name}")
+    storage = handle.storage
     storage.delete(dest)
     if CloneMode(a["mode"]) is CloneMode.FULL:
         storage.full_clone(src, dest, a["size"], ctx.on_progress)
@@ -105,7 +110,9 @@ def _import_disk(ctx: Context, a: dict[str, Any]) -> None:
     """A foreign machine's vetted disk converted to a standalone qcow2 (ops.imports)."""
     from corral.ops.imports import convert_into_pool
 
-    convert_into_pool(ctx, _on(ctx, a), a["disk"], Path(a["path"]))
+    handle = _on(ctx, a)
+    require_room(ctx, handle, f"the disk {Path(a['path']).name}")
+    convert_into_pool(ctx, handle, a["disk"], Path(a["path"]))
 
 
 @step("seed.write", undo=_delete_volume)

@@ -30,12 +30,14 @@ from corral.api.schemas import (
     Maintenance,
     Name,
     PoolOut,
+    PoolUsageOut,
 )
 from corral.api.services import JobWorker, Services
 from corral.errors import Conflict
 from corral.model import Host, HostPlacement, HostState, PowerState
 from corral.ops import hosts as host_ops
 from corral.ops import migrate as move_ops
+from corral.ops import usage as usage_ops
 from corral.ops.context import Context
 from corral.ops.hosts import DEFAULT_REMOTE_POOL
 from corral.ops.migrate import ManyMoves, MoveFailure, MoveResult
@@ -234,6 +236,15 @@ def probe_host(name: Name, caller: Caller, svc: ServicesDep) -> HostOut:
     caller.require_admin()
     svc.ctx.store.get_host(name)  # 404 before any connection
     return _out(svc, host_ops.probe(svc.ctx, name))
+
+
+@pools.get("/usage", summary="What each pool, machine and image uses, read from the hosts "
+                             "(admins)", responses=documented(403, 404, 422, 503))
+def pool_usage(caller: Caller, svc: ServicesDep, host: Name | None = None) -> list[PoolUsageOut]:
+    """Per pool: capacity, used, available and fill; per machine: virtual size, bytes it
+    owns and bytes it shares with its base; per image: bytes its copy takes there."""
+    caller.require_admin()
+    return [PoolUsageOut.of(u) for u in usage_ops.pool_usage(svc.ctx, host)]
 
 
 @pools.get("", summary="Every host's storage pool with capacity and claims")
