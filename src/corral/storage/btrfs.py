@@ -16,6 +16,10 @@ Usage comes from FIEMAP's shared flag, the numbers ``btrfs filesystem du`` shows
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
+import os
+import struct
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +30,8 @@ from corral.storage.base import FULL_CLONE, LINKED_CLONE, THIN_PROVISIONING, Pro
 from corral.storage.reflink import ReflinkBackend, grow
 
 _SUBVOLUME_ROOT_INODE = 256  # the inode number of every btrfs subvolume's top directory
+_BTRFS_IOC_SNAP_CREATE_V2 = 0x50009417  # _IOW(0x94, 23, struct btrfs_ioctl_vol_args_v2)
+_VOL_ARGS_V2 = struct.Struct("=qQQ32s4040s")  # fd, transid, flags, (size, qgroups), name
 
 
 class BtrfsBackend(ReflinkBackend):
@@ -50,7 +56,7 @@ class BtrfsBackend(ReflinkBackend):
             return
         if home.exists():
             raise Conflict(f"Cannot clone onto {dest}: {home} already exists.")
-        _btrfs("snapshot", base.parent, home)
+        _snapshot(base.parent, home)
         try:
             if base.name != dest.name:
                 (home / base.name).rename(dest)
@@ -130,6 +136,32 @@ def _alone_in_subvolume(path: Path) -> bool:
         return False
 
 
+def _snapshot(source: Path, dest: Path) -> None:
+    """Snapshot the subvolume ``source`` as the new subvolume ``dest``, by the ioctl
+    ``btrfs subvolume snapshot`` makes, without its process start (~2 ms)."""
+    try:
+        src = os.open(source, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise NotFound("volume", str(source), called="at") from None
+    except OSError as exc:
+        raise StorageError(f"Could not open the subvolume {source}: {exc.strerror}.") from exc
+    try:
+        parent = os.open(dest.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            args = bytearray(_VOL_ARGS_V2.pack(src, 0, 0, b"", os.fsencode(dest.name)))
+            fcntl.ioctl(parent, _BTRFS_IOC_SNAP_CREATE_V2, args)
+        finally:
+            os.close(parent)
+    except OSError as exc:
+        if exc.errno == errno.EEXIST:
+            raise Conflict(f"Cannot clone onto {dest}: it already exists.") from None
+        if exc.errno == errno.ENOSPC:
+            raise NoSpace(f"The btrfs pool holding {dest} is full; free space and retry.") from exc
+        raise StorageError(f"Could not snapshot {source} as {dest}: {exc.strerror}.") from exc
+    finally:
+        os.close(src)
+
+
 def _delete_subvolume(path: Path) -> None:
     if path.exists():
         _btrfs("delete", path)
@@ -149,6 +181,4 @@ def _btrfs(verb: str, *paths: Path) -> None:
     detail = (result.stderr.strip().splitlines() or ["failed"])[-1].removeprefix("ERROR: ")
     if "No space left" in detail:
         raise NoSpace(f"The btrfs pool holding {paths[-1]} is full; free space and retry.")
-    if "No such file" in detail and verb == "snapshot":
-        raise NotFound("volume", str(paths[0]), called="at")
     raise StorageError(f"Could not {verb} the subvolume {paths[-1]}: {detail.rstrip('.')}.")
