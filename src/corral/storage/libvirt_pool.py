@@ -34,6 +34,7 @@ import libvirt
 
 from corral.errors import Conflict, CorralError, NoSpace, NotFound, StorageError
 from corral.formats.domain_xml import safe_fromstring
+from corral.formats.qcow2 import OVERLAY_CLUSTER_BITS, OVERLAY_EXTENDED_L2
 from corral.model import DiskUsage
 from corral.storage.base import (
     FULL_CLONE,
@@ -81,7 +82,16 @@ class LibvirtPoolBackend(StorageBackend):
     # -- the contract -------------------------------------------------------------------
 
     def linked_clone(self, base: Path, dest: Path, virtual_size: int) -> None:
-        spec = VolumeSpec(self._name(dest), virtual_size, "qcow2", backing=base)
+        # The overlay layout Corral's own writer uses (formats/qcow2.py says what it buys:
+        # a guest's first 4 KiB writes no slower than on raw, not ~4x slower).
+        spec = VolumeSpec(
+            self._name(dest),
+            virtual_size,
+            "qcow2",
+            backing=base,
+            cluster_size=1 << OVERLAY_CLUSTER_BITS,
+            extended_l2=OVERLAY_EXTENDED_L2,
+        )
         xml = volume_xml(spec)
         with self._translated(f"create the linked clone {dest}"):
             self._pool().createXML(xml, 0)
@@ -340,6 +350,10 @@ class VolumeSpec:
     """Bytes to allocate up front: 0 keeps the file sparse."""
     backing: Path | None = None
     backing_format: str | None = None
+    cluster_size: int | None = None
+    """qcow2 cluster size in bytes; None leaves qemu-img's default (64 KiB)."""
+    extended_l2: bool = False
+    """qcow2 subclusters: libvirt passes ``extended_l2=on`` to qemu-img (9.0 does)."""
 
 
 def volume_xml(spec: VolumeSpec) -> str:
@@ -348,7 +362,12 @@ def volume_xml(spec: VolumeSpec) -> str:
     ET.SubElement(vol, "name").text = spec.name
     ET.SubElement(vol, "capacity", unit="bytes").text = str(spec.capacity)
     ET.SubElement(vol, "allocation", unit="bytes").text = str(spec.allocation)
-    ET.SubElement(ET.SubElement(vol, "target"), "format", type=spec.format)
+    target = ET.SubElement(vol, "target")
+    ET.SubElement(target, "format", type=spec.format)
+    if spec.cluster_size is not None:
+        ET.SubElement(target, "clusterSize", unit="B").text = str(spec.cluster_size)
+    if spec.extended_l2:
+        ET.SubElement(ET.SubElement(target, "features"), "extended_l2")
     if spec.backing is not None:
         store = ET.SubElement(vol, "backingStore")
         ET.SubElement(store, "path").text = str(spec.backing)

@@ -39,6 +39,8 @@ class Qcow2DirBackend(StorageBackend):
     def linked_clone(self, base: Path, dest: Path, virtual_size: int) -> None:
         # Written in-process rather than by `qemu-img create`: an empty overlay is three
         # small tables, and skipping a process start makes the clone ~0.1 ms, not ~7 ms.
+        # write_overlay's defaults (128 KiB clusters with subclusters) make a guest's first
+        # 4 KiB writes as fast as on raw, not ~4x slower (bench/first_write).
         try:
             write_overlay(
                 dest, backing_file=str(base), backing_format="qcow2", virtual_size=virtual_size

@@ -11,7 +11,12 @@ from pathlib import Path
 import pytest
 
 from corral.errors import Conflict, CorruptImage, InvalidInput
-from corral.formats.qcow2 import read_qcow2_header, write_overlay
+from corral.formats.qcow2 import (
+    OVERLAY_CLUSTER_BITS,
+    OVERLAY_EXTENDED_L2,
+    read_qcow2_header,
+    write_overlay,
+)
 
 GiB = 1 << 30
 SIZES = [GiB, 100 * GiB, 1024 * GiB, GiB + 12345]  # the last is no multiple of a cluster
@@ -69,11 +74,84 @@ def test_overlay_info_names_size_backing_file_and_format(
 def test_overlay_is_laid_out_like_qemu_img_create(tmp_path: Path, base: Path, size: int) -> None:
     ours = overlay(tmp_path, base, size)
     theirs = tmp_path / "theirs.qcow2"
+    l2 = "on" if OVERLAY_EXTENDED_L2 else "off"
     qemu(
-        "qemu-img", "create", "-f", "qcow2", "-F", "qcow2", "-b", str(base), str(theirs), str(size)
+        "qemu-img", "create", "-f", "qcow2", "-F", "qcow2", "-b", str(base),
+        "-o", f"cluster_size={1 << OVERLAY_CLUSTER_BITS},extended_l2={l2}", str(theirs), str(size),
     )
     assert read_qcow2_header(header_of(ours)) == read_qcow2_header(header_of(theirs))
     assert ours.stat().st_size == theirs.stat().st_size
+
+
+def test_overlay_defaults_are_128_kib_clusters_with_subclusters(
+    tmp_path: Path, base: Path
+) -> None:
+    """What bench/first_write chose: QEMU itself must report them."""
+    path = overlay(tmp_path, base, 10 * GiB)
+    info = json.loads(qemu("qemu-img", "info", "-f", "qcow2", "--output=json", str(path)).stdout)
+    assert info["cluster-size"] == 128 << 10
+    assert info["format-specific"]["data"]["extended-l2"] is True
+    header = read_qcow2_header(header_of(path))
+    assert (header.cluster_size, header.extended_l2) == (128 << 10, True)
+    assert header.l1_size == 10  # one L2 table of 8192 16-byte entries maps 1 GiB
+
+
+@pytest.mark.parametrize(("cluster_bits", "extended_l2"),
+                         [(16, False), (14, True), (16, True), (18, True), (21, True), (21, False)])
+@pytest.mark.parametrize("size", [GiB + 12345, 1024 * GiB])
+def test_every_cluster_size_and_subcluster_choice_is_what_qemu_img_makes(
+    tmp_path: Path, base: Path, cluster_bits: int, extended_l2: bool, size: int
+) -> None:
+    ours = tmp_path / "ours.qcow2"
+    write_overlay(ours, backing_file=str(base), backing_format="qcow2", virtual_size=size,
+                  cluster_bits=cluster_bits, extended_l2=extended_l2)
+    theirs = tmp_path / "theirs.qcow2"
+    qemu(
+        "qemu-img", "create", "-f", "qcow2", "-F", "qcow2", "-b", str(base), "-o",
+        f"cluster_size={1 << cluster_bits},extended_l2={'on' if extended_l2 else 'off'}",
+        str(theirs), str(size),
+    )
+    assert read_qcow2_header(header_of(ours)) == read_qcow2_header(header_of(theirs))
+    assert ours.stat().st_size == theirs.stat().st_size
+    check = subprocess.run(["qemu-img", "check", "-f", "qcow2", str(ours)], capture_output=True,
+                           text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    info = json.loads(qemu("qemu-img", "info", "-f", "qcow2", "--output=json", str(ours)).stdout)
+    assert info["cluster-size"] == 1 << cluster_bits
+    assert info["format-specific"]["data"]["extended-l2"] is extended_l2
+
+
+def test_a_4k_write_into_a_subcluster_overlay_copies_nothing_from_the_base(
+    tmp_path: Path, base: Path
+) -> None:
+    """The point of subclusters: the rest of the cluster still reads from the base, and
+    the overlay holds only the written 4 KiB (plus its tables), not a whole cluster."""
+    qemu("qemu-io", "-f", "qcow2", "-c", "write -P 0x11 0 1M", str(base))
+    path = overlay(tmp_path, base, GiB)
+    qemu("qemu-io", "-f", "qcow2", "-c", "write -P 0x22 128k 4k", str(path))
+    for pattern, offset, length in (("0x22", "128k", "4k"), ("0x11", "132k", "124k"),
+                                    ("0x11", "0", "128k")):
+        out = qemu("qemu-io", "-r", "-f", "qcow2", "-c",
+                   f"read -P {pattern} {offset} {length}", str(path)).stdout
+        assert "verification failed" not in out, (pattern, offset, out)
+    allocated = json.loads(qemu("qemu-img", "map", "-f", "qcow2", "--output=json",
+                                str(path)).stdout)
+    in_overlay = [e for e in allocated if e["depth"] == 0 and e["data"]]
+    assert [(e["start"], e["length"]) for e in in_overlay] == [(128 << 10, 4 << 10)]
+    # The new data cluster is the last thing in the file, and only its 4 KiB were written
+    # (with 64 KiB clusters and no subclusters the file would end a whole cluster later).
+    assert path.stat().st_size == in_overlay[0]["offset"] + (4 << 10)
+
+
+@pytest.mark.parametrize(("cluster_bits", "extended_l2"), [(13, True), (22, False), (8, False)])
+def test_refuses_cluster_sizes_qemu_refuses(
+    tmp_path: Path, base: Path, cluster_bits: int, extended_l2: bool
+) -> None:
+    path = tmp_path / "x.qcow2"
+    with pytest.raises(InvalidInput):
+        write_overlay(path, backing_file=str(base), backing_format="qcow2", virtual_size=GiB,
+                      cluster_bits=cluster_bits, extended_l2=extended_l2)
+    assert not path.exists()
 
 
 @pytest.mark.parametrize("size", SIZES)
