@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from corral.errors import CorralError
-from corral.model import Job, JobState, Step, StepState
+from corral.model import HostState, Job, JobState, Step, StepState
 
 if TYPE_CHECKING:
     from corral.ops.context import Context
@@ -217,10 +217,21 @@ def recover_abandoned(ctx: Context) -> list[Job]:
             recovered.append(ctx.store.get_job(job.id))
         lock_path.unlink(missing_ok=True)
     for job in ctx.store.jobs_with_leftovers():
-        # A compensation failed before (its host did not answer): try it again.
-        if not owner_alive(ctx, job.owner):
+        # A compensation failed before (its host did not answer): try it again, unless
+        # that host is known to be down (reaching it could stall every command).
+        if not owner_alive(ctx, job.owner) and not _waits_for_a_down_host(ctx, job):
             _roll_back(ctx, job)
     return recovered
+
+
+def _waits_for_a_down_host(ctx: Context, job: Job) -> bool:
+    hosts = {st.args.get("host") for st in job.steps
+             if st.state in (StepState.STARTED, StepState.DONE)}
+    for name in hosts - {None}:
+        host = ctx.store.find_host(str(name))
+        if host is not None and host.state is HostState.DOWN:
+            return True
+    return False
 
 
 def _past_pivot(ctx: Context, kind: JobKind, job_id: int) -> bool:

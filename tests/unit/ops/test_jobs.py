@@ -12,7 +12,7 @@ import pytest
 
 from corral.config import Settings
 from corral.errors import HypervisorUnavailable
-from corral.model import JobState, StepState
+from corral.model import Accelerator, Host, HostFacts, HostState, JobState, StepState
 from corral.ops.context import Context
 from corral.ops.jobs import PlannedStep, Recovery, job_kind, recover_abandoned, run_job, step
 
@@ -219,3 +219,26 @@ def test_a_compensation_that_failed_is_tried_again_later(tmp_path: Path) -> None
         assert job.state is JobState.ROLLED_BACK
         assert {s.state for s in job.steps} == {StepState.COMPENSATED}
         assert ctx.store.jobs_with_leftovers() == []
+
+
+def test_a_compensation_waits_while_its_host_is_recorded_down(tmp_path: Path) -> None:
+    made = tmp_path / "made"
+    down = tmp_path / "down"  # makes the undo fail, as an unreachable host would
+    down.write_text("unreachable")
+    host = Host(name="far", uri="qemu+tcp://far/system",
+                facts=HostFacts("far", "x86_64", "EPYC", 2, 4 << 30, "QEMU", "7.2.0"),
+                accelerator=Accelerator.TCG, accelerator_note="", pool_name="corral",
+                pool_path="/var/lib/corral/pool")
+    args = {"path": str(made), "down": str(down), "host": "far"}
+    with context(tmp_path) as ctx, pytest.raises(RuntimeError):
+        ctx.store.put_host(host)
+        run_job(ctx, CREATE, "t", [PlannedStep("test.touch-remote", args),
+                                   PlannedStep("test.boom", {"path": str(tmp_path / "b")})])
+    down.unlink()  # the host answers again, but the store still says it is down
+    with context(tmp_path) as ctx:
+        ctx.store.set_host_state("far", HostState.DOWN, "no answer")
+        recover_abandoned(ctx)
+        assert made.exists()  # not tried: reaching a down host could stall every command
+        ctx.store.set_host_state("far", HostState.UP)
+        recover_abandoned(ctx)
+        assert not made.exists()
