@@ -20,8 +20,9 @@ from corral.ops.lifecycle import MachineStatus
 from corral.ops.migrate import MoveFailure, MoveResult
 
 # Piped output is for reading in full (less, grep): never squeeze it to 80 columns.
-out = Console(width=None if sys.stdout.isatty() else 240)
-err = Console(stderr=True, width=None if sys.stderr.isatty() else 240)
+# No emoji codes: a MAC such as 1a:ab:07:… would print ":ab:" as an emoji.
+out = Console(width=None if sys.stdout.isatty() else 240, emoji=False)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 240, emoji=False)
 
 
 def error(message: object) -> None:
