@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 from collections.abc import Callable
@@ -12,6 +11,7 @@ from typing import Any
 from corral.errors import Conflict, InvalidInput, NotFound
 from corral.identity.names import check_name
 from corral.images.safety import vet_image
+from corral.images.transfer import file_sha256
 from corral.model import Image, ImageFormat, Job, KernelBoot
 from corral.ops.context import Context
 from corral.ops.hosts import APPLIANCE
@@ -51,7 +51,7 @@ def _record(ctx: Context, a: dict[str, Any]) -> None:
                 name=a["name"],
                 path=str(path),
                 source_format=ImageFormat(a["format"]),
-                sha256=_sha256(path),
+                sha256=file_sha256(path),
                 virtual_size=a["virtual_size"],
                 kernel_boot=boot,
                 created_at=utcnow(),
@@ -190,10 +190,3 @@ def _default_name(source: Path) -> str:
     stem = source.name.split(".")[0].lower()
     return "".join(c if c.isalnum() or c == "-" else "-" for c in stem).strip("-") or "image"
 
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()

@@ -25,7 +25,6 @@ was kept, what changed and every setting that was not carried over.
 from __future__ import annotations
 
 import errno
-import hashlib
 import logging
 import os
 import re
@@ -52,7 +51,7 @@ from corral.formats.foreign import ForeignDisk, ForeignMachine
 from corral.formats.image_inspect import detect_format, inspect_image
 from corral.identity import allocate_macs, check_name
 from corral.images.safety import vet_image
-from corral.images.transfer import partial_marker, send_file
+from corral.images.transfer import file_sha256, partial_marker, send_file
 from corral.model import (
     DEFAULT_PROJECT,
     Identity,
@@ -290,7 +289,7 @@ def convert_into_pool(ctx: Context, handle: HostHandle, disk: dict[str, Any], de
         local = Path(tmp) / dest.name
         convert_disk(disk, local, ctx.limits, ctx.on_progress)
         try:
-            send_file(local, _sha256(local), handle.storage, dest)
+            send_file(local, file_sha256(local), handle.storage, dest)
         except BaseException:
             # Nothing resumes this copy (the conversion is redone): leave no marker behind.
             for leftover in (dest, partial_marker(dest)):
@@ -301,13 +300,6 @@ def convert_into_pool(ctx: Context, handle: HostHandle, disk: dict[str, Any], de
                                   handle.host.name)
             raise
 
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # -- the machine -------------------------------------------------------------------------

@@ -20,7 +20,6 @@ the machine's disk there: then no disk byte moves.
 
 from __future__ import annotations
 
-import hashlib
 import tempfile
 import time
 from collections.abc import Callable
@@ -31,7 +30,7 @@ from urllib.parse import urlsplit
 
 from corral.compute.base import LIVE_MIGRATION, LiveMigration
 from corral.errors import Conflict, CorralError, HypervisorError, InvalidInput, NotFound
-from corral.images.transfer import copy_volume, partial_marker, send_file
+from corral.images.transfer import copy_volume, file_sha256, partial_marker, send_file
 from corral.model import CloneMode, HostState, Job, Machine, PowerState, RecordState
 from corral.ops.context import Context, HostHandle
 from corral.ops.distribute import image_on
@@ -85,7 +84,7 @@ def _send(ctx: Context, a: dict[str, Any]) -> None:
         qemu_img.set_backing(local, Path(a["backing"]), ctx.limits)
         size = local.stat().st_size
         target.storage.delete(dest)  # a crash may have left part of one; resuming is no cheaper
-        send_file(local, _sha256(local), target.storage, dest,
+        send_file(local, file_sha256(local), target.storage, dest,
                   on_progress=_fraction_of(ctx, size))
 
 
@@ -464,12 +463,4 @@ def _fraction_of(ctx: Context, size: int) -> Callable[[int], None] | None:
         return None
     return lambda done: report(100.0 * done / size)
 
-
-def _sha256(path: Path) -> str:
-    # A sparse file's holes hash as the zeros they read as, like the read-back does.
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(4 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
