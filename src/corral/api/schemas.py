@@ -231,6 +231,8 @@ class MachineCreate(Strict):
     soft: bool = Field(default=False, description="The group's policy is only a preference.")
     fast: bool = Field(default=False, description="Prefer the fastest single thread.")
     dry_run: bool = Field(default=False, description="Only say where each machine would go.")
+    pool: Name | None = Field(
+        default=None, description="A storage pool, which decides the host; null: the host's own.")
 
 
 class PlacementOut(BaseModel):

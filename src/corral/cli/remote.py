@@ -591,5 +591,6 @@ def _create_body(spec: MachineSpec, count: int) -> dict[str, Any]:
         "policy": h.policy.value if h.policy else None,
         "soft": not h.hard,
         "fast": h.fast,
+        "pool": spec.pool,
     }
     return body

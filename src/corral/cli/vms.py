@@ -65,6 +65,10 @@ def create(
     anti_affinity: AntiAffinityOpt = None,
     soft: SoftOpt = False,
     fast: FastOpt = False,
+    pool: Annotated[
+        str | None, typer.Option(help="storage pool for the disks ('corral pool list'); "
+                                 "it decides the host")
+    ] = None,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="show where each machine would go; create nothing")
     ] = False,
@@ -85,6 +89,7 @@ def create(
         ssh_keys=keys,
         start=not no_start,
         placement=placement_hints(host, tag, group, affinity, anti_affinity, soft, fast),
+        pool=pool,
     )
     if wait and no_start:
         raise InvalidInput("--wait and --no-start contradict each other; choose one.")

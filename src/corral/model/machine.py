@@ -60,6 +60,8 @@ class MachineSpec:
     start: bool = True
     project: str = DEFAULT_PROJECT
     placement: PlacementHints = field(default_factory=PlacementHints)
+    pool: str | None = None
+    """A storage pool by name (``corral pool add``); ``None``: the host's own pool."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -129,6 +129,8 @@ def _batch(ctx: Context, spec: MachineSpec, count: int, *, dry_run: bool = False
     from corral.ops import placement
     names = batch_names(spec.name, count)
     local_host(ctx)
+    if spec.pool is not None:
+        raise NotFound("storage pool", spec.pool, hint="'corral pool list' shows the pools.")
     image = ctx.store.get_image(spec.image)
     if image.project not in (None, spec.project):
         raise NotFound("image", spec.image)

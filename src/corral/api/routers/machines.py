@@ -154,6 +154,7 @@ def machine_spec(body: MachineCreate, caller: Principal, ctx: Context) -> Machin
             host=body.host, tags=frozenset(body.tags), group=body.group, policy=body.policy,
             hard=not body.soft, fast=body.fast,
         ),
+        pool=body.pool,
     )
 
 
