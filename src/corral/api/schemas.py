@@ -654,8 +654,20 @@ class PoolUsageOut(BaseModel):
 class PoolOut(BaseModel):
     name: str
     host: str
-    type: str
+    type: str = Field(description="The corral.storage plugin: qcow2, btrfs, reflink…")
     path: str
-    capacity_bytes: int | None = Field(description="As the host's last probe measured it.")
+    added: bool = Field(description="Added with POST /pools; false: a host's own pool.")
+    capabilities: list[str] = Field(description="linked-clone, snapshot, thin-provisioning…")
+    capacity_bytes: int | None = Field(
+        description="The filesystem's size; a host's own pool: as its last probe measured it.")
     claimed_bytes: int = Field(description="What the machines' disks on it reserve.")
     free_bytes: int | None = Field(description="Capacity not yet claimed.")
+    machines: list[str] = Field(description="Machines whose disks it holds.")
+    images: list[str] = Field(description="Library images an added pool holds a copy of.")
+
+
+class PoolCreate(Strict):
+    name: Name
+    type: Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")]
+    path: Annotated[str, StringConstraints(min_length=1, max_length=4096)] = Field(
+        description="An absolute directory on the host the server runs on.")

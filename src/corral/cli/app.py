@@ -11,6 +11,7 @@ from pydantic import ValidationError
 
 import corral.cli.exports
 import corral.cli.ova  # registers "corral import ova" on the import app
+import corral.cli.pools  # registers "corral pool add|list|show|remove"
 from corral.cli import accounts, hosts, images, imports, jobs, login, placement, server, vms
 from corral.cli.backend import OPTIONS, local_only
 from corral.cli.common import OutputOpt, context

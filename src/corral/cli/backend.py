@@ -35,6 +35,7 @@ from corral.model import CloneMode, HostPlacement, ImageFormat, JobState, Machin
 from corral.ops import hosts as host_ops
 from corral.ops import images as image_ops
 from corral.ops import lifecycle, provision
+from corral.ops import pools as pool_ops
 from corral.ops import snapshots as snapshot_ops
 from corral.ops import usage as usage_ops
 from corral.ops.context import Context
@@ -103,6 +104,10 @@ class Backend(Protocol):
     def migrate(self, name: str, to: str | None, live: bool, progress: Progress) -> Row: ...
     def snapshots(self, name: str) -> list[Row]: ...
     def pool_usage(self, host: str | None) -> list[Row]: ...
+    def storage_pools(self) -> list[Row]: ...
+    def storage_pool(self, name: str) -> Row: ...
+    def add_storage_pool(self, name: str, type_: str, path: str) -> Row: ...
+    def remove_storage_pool(self, name: str) -> None: ...
     def create_snapshot(self, name: str, snapshot: str, description: str | None) -> Row: ...
     def revert_snapshot(self, name: str, snapshot: str) -> Row: ...
     def delete_snapshot(self, name: str, snapshot: str) -> None: ...
@@ -315,6 +320,19 @@ class LocalBackend:
     def pool_usage(self, host: str | None) -> list[Row]:
         # The same keys as the API's PoolUsageOut: the dataclass's fields.
         return [asdict(u) for u in usage_ops.pool_usage(self.ctx, host)]
+
+    def storage_pools(self) -> list[Row]:
+        return [v.to_dict() for v in pool_ops.list_pools(self.ctx)]
+
+    def storage_pool(self, name: str) -> Row:
+        return pool_ops.show_pool(self.ctx, name).to_dict()
+
+    def add_storage_pool(self, name: str, type_: str, path: str) -> Row:
+        pool_ops.add_pool(self.ctx, name, type_, Path(path))
+        return self.storage_pool(name)
+
+    def remove_storage_pool(self, name: str) -> None:
+        pool_ops.remove_pool(self.ctx, name)
 
     def snapshots(self, name: str) -> list[Row]:
         tree = snapshot_ops.tree(self.ctx, name)

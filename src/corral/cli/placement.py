@@ -16,7 +16,8 @@ from corral.model import GroupPolicy, MachineSpec, PlacementHints
 from corral.model.units import format_size, parse_size
 
 app = typer.Typer(help="Why machines go where they go.", no_args_is_help=True)
-pool = typer.Typer(help="The pool of hosts as a whole.", no_args_is_help=True)
+pool = typer.Typer(help="The pool of hosts as a whole, and the storage pools of their disks.",
+                  no_args_is_help=True)
 
 HostOpt = Annotated[str | None, typer.Option(help="this host, not the scheduler's choice")]
 TagOpt = Annotated[

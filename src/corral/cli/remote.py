@@ -504,6 +504,20 @@ class RemoteBackend:
     def pool_usage(self, host: str | None) -> list[Row]:
         return list(self.api.get("/pools/usage", host=host))
 
+    def storage_pools(self) -> list[Row]:
+        return list(self.api.get("/pools"))
+
+    def storage_pool(self, name: str) -> Row:
+        pool: Row = self.api.get(f"/pools/{name}")
+        return pool
+
+    def add_storage_pool(self, name: str, type_: str, path: str) -> Row:
+        pool: Row = self.api.post("/pools", {"name": name, "type": type_, "path": path})
+        return pool
+
+    def remove_storage_pool(self, name: str) -> None:
+        self.api.delete(f"/pools/{name}")
+
     def snapshots(self, name: str) -> list[Row]:
         return list(self.api.get(f"/machines/{name}/snapshots"))
 

@@ -21,6 +21,7 @@ from corral.model.machine import (
     MachineSpec,
     PlacementHints,
 )
+from corral.model.pool import StoragePool
 from corral.model.states import (
     Accelerator,
     CloneMode,
@@ -64,6 +65,7 @@ __all__ = [
     "Role",
     "Step",
     "StepState",
+    "StoragePool",
     "Token",
     "Usage",
     "User",

@@ -125,3 +125,5 @@ class Machine:
     kernel_image: str | None = None
     """The library image whose kernel and initrd boot this machine when it has no image
     of its own to boot from (an imported disk without a boot loader); ``None``: none."""
+    storage_pool: str | None = None
+    """The added storage pool holding its disk; ``None``: its host's own pool."""

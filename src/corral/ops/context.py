@@ -17,8 +17,8 @@ from types import TracebackType
 from corral.compute.base import ComputeDriver, load_compute_driver
 from corral.config import Settings
 from corral.errors import HypervisorUnavailable, NotFound
-from corral.model import Host, Job, Overcommit
-from corral.storage.base import StorageBackend
+from corral.model import Host, Job, Overcommit, StoragePool
+from corral.storage.base import StorageBackend, load_storage_backend
 from corral.storage.qcow2_dir import Qcow2DirBackend
 from corral.storage.qemu_img import QemuImgLimits
 from corral.store import Store
@@ -69,6 +69,7 @@ class Context:
         """Where long steps (copies, conversions) report percent done, if anyone listens."""
         self._handles: dict[str, HostHandle] = {}
         self._handles_lock = threading.Lock()
+        self._pools: dict[str, StorageBackend] = {}
         if recover:
             self.recover()
 
@@ -119,6 +120,32 @@ class Context:
                 handle = self._connect(record)
                 self._handles[name] = handle
             return handle
+
+    def pool_storage(self, pool: StoragePool) -> StorageBackend:
+        """The backend of an added storage pool (``ops.pools``), loaded on first use."""
+        with self._handles_lock:
+            found = self._pools.get(pool.name)
+            if found is None:
+                found = load_storage_backend(pool.type, Path(pool.path), self.limits)
+                self._pools[pool.name] = found
+            return found
+
+    def disk_storage(self, host: str, pool: str | None) -> StorageBackend:
+        """Where a machine's disk lives: the added pool ``pool``, else its host's own."""
+        if pool is None:
+            return self.on(host).storage
+        with self._handles_lock:
+            found = self._pools.get(pool)
+        if found is not None:
+            return found
+        record = self.store.find_storage_pool(pool)
+        if record is None:
+            raise NotFound("storage pool", pool, hint="'corral pool list' shows the pools.")
+        return self.pool_storage(record)
+
+    def forget_pool(self, name: str) -> None:
+        with self._handles_lock:
+            self._pools.pop(name, None)
 
     def forget_handle(self, host: str) -> None:
         """Drop a host's connection (it was removed, or its URI changed)."""

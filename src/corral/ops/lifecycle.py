@@ -36,7 +36,8 @@ def status(ctx: Context, machine: Machine) -> MachineStatus:
     except NotFound:
         power = None
     try:
-        usage: DiskUsage | None = handle.storage.usage(Path(machine.disk_path))
+        usage: DiskUsage | None = ctx.disk_storage(machine.host, machine.storage_pool).usage(
+            Path(machine.disk_path))
     except CorralError:
         usage = None
     return MachineStatus(machine, power, usage)
@@ -123,7 +124,8 @@ def prepare_delete(ctx: Context, name: str, *, force: bool = False) -> Job:
         PlannedStep("machine.mark-deleting", {"name": name}),
         PlannedStep("domain.destroy", {**on, "name": name}),
         PlannedStep("domain.undefine", {**on, "uuid": uuid}),
-        PlannedStep("disk.delete", {**on, "path": machine.disk_path}),
+        PlannedStep("disk.delete",
+                    {**on, "path": machine.disk_path, "pool": machine.storage_pool}),
     ]
     if machine.seed_path:
         plan.append(PlannedStep("file.delete", {**on, "path": machine.seed_path}))

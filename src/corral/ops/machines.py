@@ -6,6 +6,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from corral.formats.qcow2 import read_qcow2_header
 from corral.model import (
     DEFAULT_PROJECT,
     CloneMode,
@@ -16,7 +17,10 @@ from corral.model import (
     RecordState,
 )
 from corral.ops.context import Context, HostHandle
+from corral.storage.base import StorageBackend
 from corral.store.repository import utcnow
+
+_HEADER_BYTES = 64 << 10
 
 
 def machine_args(m: Machine) -> dict[str, Any]:
@@ -38,6 +42,7 @@ def machine_args(m: Machine) -> dict[str, Any]:
         "placement": m.placement.to_json(),
         "group": m.placement.group,
         "kernel_image": m.kernel_image,
+        "storage_pool": m.storage_pool,
     }
 
 
@@ -62,6 +67,7 @@ def machine_from_args(a: dict[str, Any]) -> Machine:
         disk_claim=a.get("disk_claim", 0),
         placement=PlacementHints.from_json(a.get("placement", {}), a.get("group")),
         kernel_image=a.get("kernel_image"),
+        storage_pool=a.get("storage_pool"),
     )
 
 
@@ -76,6 +82,11 @@ def domain_plan(ctx: Context, machine: Machine, handle: HostHandle) -> DomainPla
     image = ctx.store.find_image(machine.image) if machine.image else None
     where = image_on(handle, image) if image is not None else None
     linked = where is not None and machine.clone is CloneMode.LINKED
+    backing = where.base if linked and where is not None else None
+    if machine.storage_pool is not None:
+        # An added pool's clone may stand alone (a btrfs snapshot, a reflink) or be an
+        # overlay of the pool's copy of the base: the disk's header says which.
+        backing = _backing_file(Path(machine.disk_path))
     kernel_boot = where.kernel_boot if where is not None else None
     if kernel_boot is None and machine.kernel_image is not None:
         kernel_boot = image_on(handle, ctx.store.get_image(machine.kernel_image)).kernel_boot
@@ -86,7 +97,7 @@ def domain_plan(ctx: Context, machine: Machine, handle: HostHandle) -> DomainPla
         cpus=machine.cpus,
         memory_bytes=machine.memory_bytes,
         disk_path=machine.disk_path,
-        disk_backing=where.base if linked and where is not None else None,
+        disk_backing=backing,
         seed_path=machine.seed_path,
         console_log=str(handle.console_log(machine.name)),
         network=handle.host.network,
@@ -116,12 +127,16 @@ def new_machine(
     disk_claim: int,
     placement: PlacementHints | None = None,
     kernel_image: str | None = None,
+    pool: tuple[str, StorageBackend] | None = None,
 ) -> Machine:
     """The record of a machine about to be provisioned, with its files' paths decided.
 
-    The UUID is part of each file name, so a recreated namesake's files stay apart.
+    The UUID is part of each file name, so a recreated namesake's files stay apart. The
+    disk goes to ``pool`` (an added pool's name and backend) if given, else to the
+    host's own pool, where the seed always goes.
     """
     stem = f"{identity.hostname}-{identity.uuid[:8]}"
+    volumes = handle.storage if pool is None else pool[1]
     return Machine(
         name=identity.hostname,
         identity=identity,
@@ -130,7 +145,7 @@ def new_machine(
         cpus=cpus,
         memory_bytes=memory_bytes,
         clone=clone,
-        disk_path=str(handle.storage.volume_path(stem)),
+        disk_path=str(volumes.volume_path(stem)),
         seed_path=str(Path(handle.host.pool_path) / f"{stem}-seed.iso"),
         record_state=RecordState.PROVISIONING,
         managed=True,
@@ -141,4 +156,14 @@ def new_machine(
         disk_claim=disk_claim,
         placement=placement or PlacementHints(),
         kernel_image=kernel_image,
+        storage_pool=pool[0] if pool is not None else None,
     )
+
+
+def _backing_file(disk: Path) -> str | None:
+    """The backing file a local qcow2 disk's header names, made absolute."""
+    with disk.open("rb") as f:
+        header = read_qcow2_header(f.read(_HEADER_BYTES))
+    if header.backing_file is None:
+        return None
+    return str(disk.parent / header.backing_file)

@@ -218,6 +218,12 @@ def prepare_migration(
     if m.record_state is not RecordState.READY:
         raise Conflict(f"Machine '{name}' is {m.record_state.value}; only a ready machine moves.",
                        hint="Wait for its job to finish (corral job list).")
+    if m.storage_pool is not None:
+        # An added pool is one host's filesystem; its native clones do not travel.
+        raise Conflict(f"Machine '{name}' has its disk in the storage pool "
+                       f"'{m.storage_pool}', which is on its host only, so it cannot move.",
+                       hint=f"Clone it into the host's own pool (corral vm clone {name} NEW), "
+                            "then move the clone.")
     source = ctx.on(m.host)
     power = source.driver.state(name)
     if live and power not in _ACTIVE:

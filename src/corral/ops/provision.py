@@ -39,6 +39,7 @@ from corral.ops.distribute import image_on
 from corral.ops.hosts import local_host
 from corral.ops.jobs import PlannedStep, Recovery, check_steps, execute_job, job_kind
 from corral.ops.machines import disk_claim, machine_args, new_machine
+from corral.ops.pools import base_path, get_pool
 from corral.storage.base import FULL_CLONE, LINKED_CLONE
 from corral.store.repository import ClaimedJob, ClaimRefused
 
@@ -130,7 +131,7 @@ def _batch(ctx: Context, spec: MachineSpec, count: int, *, dry_run: bool = False
     names = batch_names(spec.name, count)
     local_host(ctx)
     if spec.pool is not None:
-        raise NotFound("storage pool", spec.pool, hint="'corral pool list' shows the pools.")
+        spec = _pinned_to_pool(ctx, spec)
     image = ctx.store.get_image(spec.image)
     if image.project not in (None, spec.project):
         raise NotFound("image", spec.image)
@@ -153,13 +154,26 @@ def _batch(ctx: Context, spec: MachineSpec, count: int, *, dry_run: bool = False
     return _Batch(spec, image, hints, names, macs, disk_bytes, claim, requests)
 
 
+def _pinned_to_pool(ctx: Context, spec: MachineSpec) -> MachineSpec:
+    """An added pool is one host's: the machines go there, or nowhere."""
+    pool = get_pool(ctx, spec.pool or "")
+    wanted = spec.placement.host
+    if wanted is not None and wanted != pool.host:
+        raise InvalidInput(f"Storage pool '{pool.name}' is on host '{pool.host}', not "
+                           f"'{wanted}'; drop --host or choose a pool of that host.")
+    return replace(spec, placement=replace(spec.placement, host=pool.host))
+
+
 def _claimed_job(ctx: Context, batch: _Batch, name: str, mac: str,
                  handle: HostHandle) -> ClaimedJob:
     spec, image = batch.spec, batch.image
+    volumes = handle.storage if spec.pool is None else ctx.disk_storage(handle.host.name,
+                                                                         spec.pool)
     wanted = LINKED_CLONE if spec.clone is CloneMode.LINKED else FULL_CLONE
-    if wanted not in handle.storage.capabilities:
-        raise InvalidInput(f"Host '{handle.host.name}''s storage cannot make a "
-                           f"{spec.clone} clone.")
+    if wanted not in volumes.capabilities:
+        where = f"Storage pool '{spec.pool}'" if spec.pool else (
+            f"Host '{handle.host.name}''s storage")
+        raise InvalidInput(f"{where} cannot make a {spec.clone} clone.")
     m = new_machine(
         handle,
         new_identity(name, mac),
@@ -172,16 +186,21 @@ def _claimed_job(ctx: Context, batch: _Batch, name: str, mac: str,
         disk_bytes=batch.disk_bytes,
         disk_claim=batch.disk_claim,
         placement=batch.hints,
+        pool=None if spec.pool is None else (spec.pool, volumes),
     )
     args = machine_args(m)
     on = {"host": m.host}
+    if spec.pool is None:
+        base = image_on(handle, image).base
+    else:
+        base = str(base_path(ctx, get_pool(ctx, spec.pool), image))
     plan = [
         PlannedStep("machine.record", args),
-        PlannedStep("image.ensure", {**on, "image": image.name}),
+        PlannedStep("image.ensure", {**on, "image": image.name, "pool": spec.pool}),
         PlannedStep(
             "disk.clone",
-            {**on, "path": m.disk_path, "base": image_on(handle, image).base,
-             "size": batch.disk_bytes, "mode": spec.clone.value},
+            {**on, "path": m.disk_path, "base": base, "size": batch.disk_bytes,
+             "mode": spec.clone.value, "pool": spec.pool},
         ),
         PlannedStep(
             "seed.write",

@@ -17,7 +17,9 @@ from corral.ops.context import Context, HostHandle
 from corral.ops.distribute import ensure_image
 from corral.ops.jobs import nothing, step
 from corral.ops.machines import domain_plan, machine_from_args
+from corral.ops.pools import ensure_base, get_pool
 from corral.ops.usage import require_room
+from corral.storage.base import StorageBackend
 
 
 def _on(ctx: Context, a: dict[str, Any]) -> HostHandle:
@@ -58,23 +60,32 @@ def _forget_step(ctx: Context, a: dict[str, Any]) -> None:
 
 
 def _delete_volume(ctx: Context, a: dict[str, Any]) -> None:
-    """A disk, seed or console log in the host's pool (or the local console dir)."""
-    _on(ctx, a).storage.delete(Path(a["path"]))
+    """A disk, seed or console log in the host's pool (or the local console dir), or a
+    disk in the added pool ``a["pool"]``."""
+    _storage(ctx, a).delete(Path(a["path"]))
+
+
+def _storage(ctx: Context, a: dict[str, Any]) -> StorageBackend:
+    return ctx.disk_storage(a["host"], a.get("pool"))
 
 
 @step("image.ensure", undo=nothing)
 def _ensure_image(ctx: Context, a: dict[str, Any]) -> None:
-    """The image's base is on the host (copied once, verified); kept for later clones."""
-    ensure_image(ctx, _on(ctx, a), ctx.store.get_image(a["image"]))
+    """The image's base is on the host, or in the added pool ``a["pool"]`` (copied once,
+    verified); kept for later clones."""
+    image = ctx.store.get_image(a["image"])
+    if a.get("pool") is None:
+        ensure_image(ctx, _on(ctx, a), image)
+        return
+    ensure_base(ctx, get_pool(ctx, a["pool"]), image)
 
 
 @step("disk.clone", undo=_delete_volume)
 def _clone_image(ctx: Context, a: dict[str, Any]) -> None:
     """A new disk from a library image, linked (overlay) or full (copy)."""
     dest, base = Path(a["path"]), Path(a["base"])
-    handle = _on(ctx, a)
-    require_room(ctx, handle, f"the disk {dest.name}")
-    storage = handle.storage
+    require_room(ctx, _on(ctx, a), f"the disk {dest.name}", pool=a.get("pool"))
+    storage = _storage(ctx, a)
     storage.delete(dest)  # a crash may have left a partial one
     if CloneMode(a["mode"]) is CloneMode.LINKED:
         storage.linked_clone(base, dest, a["size"])

@@ -15,9 +15,12 @@ from pathlib import Path
 
 from corral.compute.base import PoolSpace
 from corral.errors import CorralError, NoSpace
+from corral.model import Image, Machine, StoragePool
 from corral.model.units import format_size
 from corral.ops.context import Context, HostHandle
 from corral.ops.distribute import image_on
+from corral.ops.pools import base_path, get_pool
+from corral.storage.base import StorageBackend
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,48 +66,72 @@ class PoolUsage:
 
 
 def pool_usage(ctx: Context, host: str | None = None) -> list[PoolUsage]:
-    """Every host's pool (or ``host``'s), with its machines and the images on it."""
+    """Every host's own pool and every added pool (or only ``host``'s), with the
+    machines and the images in each."""
     loads = {load.host.name: load for load in ctx.store.pool_snapshot()}
     if host is not None:
         ctx.store.get_host(host)  # NotFound, with its hint
     names = [host] if host is not None else sorted(loads)
-    return [_one(ctx, ctx.on(name), loads[name].images) for name in names]
+    own = [_own(ctx, ctx.on(name), loads[name].images) for name in names]
+    added = [_added(ctx, pool) for pool in ctx.store.list_storage_pools(host)]
+    return own + added
 
 
-def _one(ctx: Context, handle: HostHandle, present: frozenset[str]) -> PoolUsage:
+def _own(ctx: Context, handle: HostHandle, present: frozenset[str]) -> PoolUsage:
     h = handle.host
-    space = _space(handle, fresh=True)
-    machines, images, unreadable = [], [], []
-    for m in ctx.store.list_machines(h.name):
+    library = ctx.store.list_images()
+    bases = [(i, image_on(handle, i).base)
+             for i in (library if handle.local else [i for i in library if i.name in present])]
+    machines = [m for m in ctx.store.list_machines(h.name) if m.storage_pool is None]
+    return _tally(handle.storage, _space(handle, fresh=True), h.name, h.pool_name,
+                  h.pool_path, machines, bases)
+
+
+def _added(ctx: Context, pool: StoragePool) -> PoolUsage:
+    storage = ctx.pool_storage(pool)
+    bases = [(i, base_path(ctx, pool, i)) for i in ctx.store.list_images()]
+    machines = [m for m in ctx.store.list_machines(pool.host) if m.storage_pool == pool.name]
+    return _tally(storage, _statvfs(pool.path), pool.host, pool.name, pool.path, machines,
+                  [(i, str(path)) for i, path in bases if storage.exists(path)])
+
+
+def _tally(storage: StorageBackend, space: PoolSpace, host: str, pool: str, path: str,
+           machines: list[Machine], bases: list[tuple[Image, str]]) -> PoolUsage:
+    spaces, images, unreadable = [], [], []
+    for m in machines:
         try:
-            use = handle.storage.usage(Path(m.disk_path))
+            use = storage.usage(Path(m.disk_path))
         except CorralError:
             unreadable.append(m.name)
             continue
-        machines.append(MachineSpace(m.name, use.virtual_size, use.owned_bytes,
-                                     use.shared_bytes, m.image if use.shared_bytes else None))
-    library = ctx.store.list_images()
-    for image in library if handle.local else [i for i in library if i.name in present]:
+        spaces.append(MachineSpace(m.name, use.virtual_size, use.owned_bytes,
+                                   use.shared_bytes, m.image if use.shared_bytes else None))
+    for image, base in bases:
         try:
-            use = handle.storage.usage(Path(image_on(handle, image).base))
+            use = storage.usage(Path(base))
         except CorralError:
             unreadable.append(image.name)
             continue
         images.append(ImageSpace(image.name, use.virtual_size, use.owned_bytes))
-    return PoolUsage(h.name, h.pool_name, h.pool_path, space.capacity, space.allocation,
-                     space.available, space.fill, machines, images, unreadable)
+    return PoolUsage(host, pool, path, space.capacity, space.allocation, space.available,
+                     space.fill, spaces, images, unreadable)
 
 
-def require_room(ctx: Context, handle: HostHandle, what: str) -> None:
+def require_room(ctx: Context, handle: HostHandle, what: str, *,
+                 pool: str | None = None) -> None:
     """Refuse to add ``what`` to a pool filled past ``pool_fill_limit``, by the host's
-    running count (libvirt keeps it as volumes come and go; no rescan of the pool)."""
+    running count (libvirt keeps it as volumes come and go; no rescan of the pool).
+    ``pool`` names an added pool of that host; ``None`` is the host's own."""
     limit = ctx.settings.pool_fill_limit
     if limit >= 1:
         return
-    space = _space(handle, fresh=False)
+    if pool is None:
+        space, name = _space(handle, fresh=False), f"The pool of host '{handle.host.name}'"
+    else:
+        space, name = _statvfs(get_pool(ctx, pool).path), f"Storage pool '{pool}'"
     if space.fill >= limit:
         raise NoSpace(
-            f"The pool of host '{handle.host.name}' is {100 * space.fill:.0f} % full "
+            f"{name} is {100 * space.fill:.0f} % full "
             f"({format_size(space.available)} free), past the {100 * limit:g} % limit, so "
             f"{what} was not written there.",
             hint="Free space in the pool (corral pool usage), or raise pool_fill_limit.",
@@ -115,8 +142,12 @@ def _space(handle: HostHandle, *, fresh: bool) -> PoolSpace:
     if handle.local:
         # Corral writes the local pool's files itself, behind libvirt's counts; the
         # filesystem's own figures are exact and cost one system call.
-        st = os.statvfs(handle.host.pool_path)
-        return PoolSpace(capacity=st.f_blocks * st.f_frsize,
-                         allocation=(st.f_blocks - st.f_bfree) * st.f_frsize,
-                         available=st.f_bavail * st.f_frsize)
+        return _statvfs(handle.host.pool_path)
     return handle.driver.pool_space(handle.host.pool_name, fresh=fresh)
+
+
+def _statvfs(path: str) -> PoolSpace:
+    st = os.statvfs(path)
+    return PoolSpace(capacity=st.f_blocks * st.f_frsize,
+                     allocation=(st.f_blocks - st.f_bfree) * st.f_frsize,
+                     available=st.f_bavail * st.f_frsize)

@@ -8,12 +8,20 @@ from __future__ import annotations
 
 import abc
 import hashlib
+import re
 from collections.abc import Callable, Generator, Iterable
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import ClassVar, cast
 
-from corral.errors import CorralError, DriverNotFound, NotFound, StorageError
+from corral.errors import (
+    Conflict,
+    CorralError,
+    DriverNotFound,
+    InvalidInput,
+    NotFound,
+    StorageError,
+)
 from corral.model import DiskUsage
 from corral.storage.qemu_img import QemuImgLimits
 from corral.storage.sparse import PIECE_BYTES, Hole, Piece, file_pieces, hash_piece
@@ -21,7 +29,8 @@ from corral.storage.sparse import PIECE_BYTES, Hole, Piece, file_pieces, hash_pi
 __all__ = [
     "ENTRY_POINT_GROUP", "FULL_CLONE", "LINKED_CLONE", "LIVE_SNAPSHOT", "PIECE_BYTES",
     "SHARED_BETWEEN_HOSTS", "SNAPSHOT", "THIN_PROVISIONING", "Hole", "Piece", "Progress",
-    "StorageBackend", "available_storage_backends", "load_storage_backend",
+    "Snapshots", "StorageBackend", "available_storage_backends", "check_snapshot_name",
+    "check_volume_name", "load_storage_backend", "snapshots_of",
 ]
 
 ENTRY_POINT_GROUP = "corral.storage"
@@ -33,12 +42,12 @@ LINKED_CLONE = "linked-clone"
 FULL_CLONE = "full-clone"
 """The backend can make an independent copy."""
 SNAPSHOT = "snapshot"
-"""The backend can snapshot a stopped machine's volume and revert to it. Declared by no
-backend yet: the contract has no snapshot verb (machine snapshots are qcow2-internal,
-through the compute driver)."""
+"""The backend can snapshot a stopped machine's volume and revert to it: the backend is
+a :class:`Snapshots` too (``snapshots_of`` gives that view, or says why not)."""
 LIVE_SNAPSHOT = "live-snapshot"
 """As SNAPSHOT, of a running machine's volume, consistent with its memory. Declared by
-no backend yet, for the same reason."""
+no backend: a running machine's snapshot needs its memory, which only the compute
+driver (libvirt) holds; machine snapshots go through it."""
 THIN_PROVISIONING = "thin-provisioning"
 """A volume takes space only as it is written: its virtual size is not reserved."""
 SHARED_BETWEEN_HOSTS = "shared-between-hosts"
@@ -46,8 +55,44 @@ SHARED_BETWEEN_HOSTS = "shared-between-hosts"
 without copying its disks."""
 
 
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}\Z")
+"""Safe as a file name, a path component, an LV, a ZFS dataset or snapshot component and
+an RBD image or snapshot name: none of ``/``, ``@``, spaces, or a leading ``-`` or ``.``."""
+
+
+def check_snapshot_name(name: str) -> str:
+    """``name`` if it may name a volume snapshot, else InvalidInput in one sentence."""
+    if not _NAME.match(name):
+        raise InvalidInput(
+            f"The snapshot name '{name}' is not valid: use 1 to 63 letters, digits, '.', '_' "
+            "and '-', starting with a letter or digit."
+        )
+    return name
+
+
+def check_volume_name(name: str) -> str:
+    """``name`` if a backend may use it as a volume (LV, dataset, image) name, else
+    InvalidInput in one sentence."""
+    if not _NAME.match(name):
+        raise InvalidInput(
+            f"The volume name '{name}' is not valid: use 1 to 63 letters, digits, '.', '_' "
+            "and '-', starting with a letter or digit."
+        )
+    return name
+
+
 class StorageBackend(abc.ABC):
     capabilities: ClassVar[frozenset[str]] = frozenset()
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        # The capability and the verbs go together: a backend cannot declare SNAPSHOT
+        # without them, nor carry them undeclared; so ops may trust either.
+        super().__init_subclass__(**kwargs)
+        if (SNAPSHOT in cls.capabilities) != issubclass(cls, Snapshots):
+            raise TypeError(
+                f"{cls.__name__}: a backend declares SNAPSHOT if and only if it is a "
+                "Snapshots."
+            )
 
     @abc.abstractmethod
     def volume_path(self, name: str) -> Path:
@@ -183,6 +228,54 @@ class StorageBackend(abc.ABC):
             length += hash_piece(digest, piece)
         return digest.hexdigest(), length
 
+
+class Snapshots(abc.ABC):
+    """The verbs of SNAPSHOT: named, point-in-time snapshots of a stopped machine's volume.
+
+    A backend declaring SNAPSHOT inherits this class as well as StorageBackend; ops get
+    it through :func:`snapshots_of`. ``volume`` is a path ``volume_path`` gave.
+    Pre for every verb: nothing writes the volume (its machine is stopped); a backend
+    may refuse a volume in use with Conflict but need not detect it. A snapshot's name is
+    checked by :func:`check_snapshot_name` (InvalidInput) before anything is touched.
+    """
+
+    @abc.abstractmethod
+    def snapshot_create(self, volume: Path, snapshot: str) -> None:
+        """Record the volume's bytes and virtual size as they are now, as ``snapshot``.
+
+        Raises NotFound if the volume is missing, Conflict if it already has a snapshot
+        of that name. Post: the volume is unchanged and writes to it never change the
+        snapshot. On failure no snapshot of that name was made.
+        """
+
+    @abc.abstractmethod
+    def snapshots(self, volume: Path) -> list[str]:
+        """The names of the volume's snapshots, oldest first. NotFound if it is missing."""
+
+    @abc.abstractmethod
+    def snapshot_revert(self, volume: Path, snapshot: str) -> None:
+        """Make the volume read exactly as ``snapshot`` recorded it: the same bytes and
+        the same virtual size. What was written since is lost. The snapshot, and the
+        volume's other snapshots, stay.
+
+        Raises NotFound for a missing volume or snapshot. A backend whose format cannot
+        keep later snapshots across a revert (ZFS) raises Conflict naming them instead.
+        Idempotent. On failure the volume reads as before or as ``snapshot``.
+        """
+
+    @abc.abstractmethod
+    def snapshot_delete(self, volume: Path, snapshot: str) -> None:
+        """Remove ``snapshot``; the volume's data and its other snapshots are unchanged.
+
+        Idempotent: a missing snapshot (or volume) is not an error.
+        """
+
+
+def snapshots_of(backend: StorageBackend) -> Snapshots:
+    """``backend``'s snapshot verbs, or Conflict in one sentence if it has none."""
+    if SNAPSHOT not in backend.capabilities or not isinstance(backend, Snapshots):
+        raise Conflict(f"The {type(backend).__name__} storage cannot snapshot volumes.")
+    return backend
 
 
 def available_storage_backends() -> list[str]:

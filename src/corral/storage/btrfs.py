@@ -11,11 +11,21 @@ A clone stands alone: it shares extents with its base but does not read through 
 So deleting a base whose clones still exist is safe, not refused: the clones keep
 their data, and the space the base held stays in use until the last clone is gone.
 Usage comes from FIEMAP's shared flag, the numbers ``btrfs filesystem du`` shows.
+
+A snapshot of a volume in its own subvolume is a read-only snapshot of that subvolume,
+kept outside it as ``<pool>/.snapshots/<volume>@<snapshot>``: constant time, like a
+clone. A revert makes a writable snapshot of it beside the volume's subvolume and swaps
+the two in one atomic ``renameat2(RENAME_EXCHANGE)``, then deletes the old one: constant
+time too, and at no instant is the volume missing. Everything in the volume's subvolume
+is snapshotted and reverted with it. Deleting the volume deletes its snapshots first.
+A volume that is not alone in a subvolume of its own is snapshotted as the reflink
+backend does (reflinked files).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import os
@@ -26,19 +36,31 @@ from pathlib import Path
 from typing import ClassVar
 
 from corral.errors import Conflict, NoSpace, NotFound, StorageError
-from corral.storage.base import FULL_CLONE, LINKED_CLONE, THIN_PROVISIONING, Progress
-from corral.storage.reflink import ReflinkBackend, grow
+from corral.storage.base import (
+    FULL_CLONE,
+    LINKED_CLONE,
+    SNAPSHOT,
+    THIN_PROVISIONING,
+    Progress,
+    check_snapshot_name,
+)
+from corral.storage.reflink import SNAPSHOT_DIR, ReflinkBackend, grow
 
 _SUBVOLUME_ROOT_INODE = 256  # the inode number of every btrfs subvolume's top directory
 _BTRFS_IOC_SNAP_CREATE_V2 = 0x50009417  # _IOW(0x94, 23, struct btrfs_ioctl_vol_args_v2)
 _VOL_ARGS_V2 = struct.Struct("=qQQ32s4040s")  # fd, transid, flags, (size, qgroups), name
+_SUBVOL_RDONLY = 1 << 1
+_BTRFS_IOC_INO_LOOKUP = 0xD0009412  # _IOWR(0x94, 18, struct btrfs_ioctl_ino_lookup_args)
+_INO_LOOKUP_ARGS = struct.Struct("=QQ4080s")  # treeid, objectid, name
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 1 << 1
 
 
 class BtrfsBackend(ReflinkBackend):
     """A directory on btrfs (the pool's top, which may itself be a subvolume)."""
 
     capabilities: ClassVar[frozenset[str]] = frozenset(
-        {LINKED_CLONE, FULL_CLONE, THIN_PROVISIONING}
+        {LINKED_CLONE, FULL_CLONE, THIN_PROVISIONING, SNAPSHOT}
     )
 
     def volume_path(self, name: str) -> Path:
@@ -84,8 +106,13 @@ class BtrfsBackend(ReflinkBackend):
             super().create_empty(dest)
 
     def delete(self, path: Path) -> None:
-        """Remove the volume; its subvolume too when it holds nothing else. Idempotent."""
+        """Remove the volume's snapshots, then the volume; its subvolume too when it holds
+        nothing else. Idempotent."""
         home = self._home(path)
+        if home is not None:
+            snaps = self._subvolume_snapshots(home)
+            if snaps:
+                _btrfs("delete", *snaps)
         if home is not None and _is_subvolume(home):
             try:
                 rest = {p.name for p in home.iterdir()} - {path.name}
@@ -95,6 +122,76 @@ class BtrfsBackend(ReflinkBackend):
                 _delete_subvolume(home)
                 return
         super().delete(path)
+
+    # -- snapshots: read-only subvolume snapshots ---------------------------------------
+
+    def snapshot_create(self, volume: Path, snapshot: str) -> None:
+        check_snapshot_name(snapshot)
+        home = self._own_subvolume(volume)
+        if home is None:
+            super().snapshot_create(volume, snapshot)
+            return
+        target = self._snapshot_home(home, snapshot)
+        target.parent.mkdir(exist_ok=True)
+        try:
+            _snapshot(home, target, readonly=True)
+        except Conflict:
+            raise Conflict(
+                f"Volume {volume.name} already has a snapshot named '{snapshot}'."
+            ) from None
+
+    def snapshots(self, volume: Path) -> list[str]:
+        home = self._own_subvolume(volume)
+        if home is None:
+            return super().snapshots(volume)
+        return [p.name.split("@", 1)[1] for p in self._subvolume_snapshots(home)]
+
+    def snapshot_revert(self, volume: Path, snapshot: str) -> None:
+        check_snapshot_name(snapshot)
+        home = self._own_subvolume(volume)
+        if home is None:
+            super().snapshot_revert(volume, snapshot)
+            return
+        source = self._snapshot_home(home, snapshot)
+        if not _is_subvolume(source):
+            raise NotFound(f"snapshot of {volume.name}", snapshot)
+        spare = home.with_name(f".{home.name}.revert")
+        _delete_subvolume(spare)  # left by a revert cut short
+        _snapshot(source, spare)
+        try:
+            _exchange(spare, home)
+        except BaseException:
+            _delete_subvolume(spare)
+            raise
+        _delete_subvolume(spare)  # the volume as it was before the revert
+
+    def snapshot_delete(self, volume: Path, snapshot: str) -> None:
+        check_snapshot_name(snapshot)
+        home = self._home(volume)
+        if home is not None and _is_subvolume(target := self._snapshot_home(home, snapshot)):
+            _btrfs("delete", target)
+            return
+        super().snapshot_delete(volume, snapshot)
+
+    def _own_subvolume(self, volume: Path) -> Path | None:
+        """The subvolume of the volume's own, None if it has none; NotFound if missing."""
+        if not volume.is_file():
+            raise NotFound("volume", str(volume), called="at")
+        home = self._home(volume)
+        return home if home is not None and _is_subvolume(home) else None
+
+    def _snapshot_home(self, home: Path, snapshot: str) -> Path:
+        return self.directory / SNAPSHOT_DIR / f"{home.name}@{snapshot}"
+
+    def _subvolume_snapshots(self, home: Path) -> list[Path]:
+        """The snapshots of the subvolume ``home``, oldest first (by subvolume id, which
+        btrfs hands out in increasing order)."""
+        folder = self.directory / SNAPSHOT_DIR
+        try:
+            found = [p for p in folder.iterdir() if p.name.startswith(f"{home.name}@")]
+        except FileNotFoundError:
+            return []
+        return sorted(found, key=_subvolume_id)
 
     # -- where a volume lives ---------------------------------------------------------
 
@@ -136,9 +233,10 @@ def _alone_in_subvolume(path: Path) -> bool:
         return False
 
 
-def _snapshot(source: Path, dest: Path) -> None:
-    """Snapshot the subvolume ``source`` as the new subvolume ``dest``, by the ioctl
-    ``btrfs subvolume snapshot`` makes, without its process start (~2 ms)."""
+def _snapshot(source: Path, dest: Path, *, readonly: bool = False) -> None:
+    """Snapshot the subvolume ``source`` as the new subvolume ``dest`` (read-only if
+    asked), by the ioctl ``btrfs subvolume snapshot`` makes, without its process start
+    (~2 ms)."""
     try:
         src = os.open(source, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -148,7 +246,8 @@ def _snapshot(source: Path, dest: Path) -> None:
     try:
         parent = os.open(dest.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            args = bytearray(_VOL_ARGS_V2.pack(src, 0, 0, b"", os.fsencode(dest.name)))
+            flags = _SUBVOL_RDONLY if readonly else 0
+            args = bytearray(_VOL_ARGS_V2.pack(src, 0, flags, b"", os.fsencode(dest.name)))
             fcntl.ioctl(parent, _BTRFS_IOC_SNAP_CREATE_V2, args)
         finally:
             os.close(parent)
@@ -160,6 +259,30 @@ def _snapshot(source: Path, dest: Path) -> None:
         raise StorageError(f"Could not snapshot {source} as {dest}: {exc.strerror}.") from exc
     finally:
         os.close(src)
+
+
+def _subvolume_id(path: Path) -> int:
+    """The id of the subvolume at ``path`` (``btrfs inspect-internal rootid``)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        args = bytearray(_INO_LOOKUP_ARGS.pack(0, _SUBVOLUME_ROOT_INODE, b""))
+        fcntl.ioctl(fd, _BTRFS_IOC_INO_LOOKUP, args)
+        return int(_INO_LOOKUP_ARGS.unpack_from(args)[0])
+    except OSError as exc:
+        raise StorageError(f"Could not read the subvolume id of {path}: {exc.strerror}.") from exc
+    finally:
+        os.close(fd)
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _exchange(a: Path, b: Path) -> None:
+    """Swap the names ``a`` and ``b`` in one atomic step (renameat2 RENAME_EXCHANGE)."""
+    if _libc.renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b),
+                       _RENAME_EXCHANGE) != 0:
+        code = ctypes.get_errno()
+        raise StorageError(f"Could not swap {a} and {b}: {os.strerror(code)}.")
 
 
 def _delete_subvolume(path: Path) -> None:

@@ -1,4 +1,10 @@
-"""qcow2 volumes in a directory: a linked clone is an overlay naming its base explicitly."""
+"""qcow2 volumes in a directory: a linked clone is an overlay naming its base explicitly.
+
+A volume's snapshots are qcow2 internal snapshots (``qemu-img snapshot``), kept inside
+the volume's own file: deleting the volume deletes them, a copy of it carries them. They
+share the file's snapshot table with the machine snapshots libvirt takes of a stopped
+machine, so both see the same names.
+"""
 
 from __future__ import annotations
 
@@ -16,18 +22,21 @@ from corral.storage import qemu_img
 from corral.storage.base import (
     FULL_CLONE,
     LINKED_CLONE,
+    SNAPSHOT,
     Hole,
     Piece,
     Progress,
+    Snapshots,
     StorageBackend,
+    check_snapshot_name,
 )
 from corral.storage.sparse import file_pieces
 
 _HEADER_BYTES = 64 << 10
 
 
-class Qcow2DirBackend(StorageBackend):
-    capabilities: ClassVar[frozenset[str]] = frozenset({LINKED_CLONE, FULL_CLONE})
+class Qcow2DirBackend(StorageBackend, Snapshots):
+    capabilities: ClassVar[frozenset[str]] = frozenset({LINKED_CLONE, FULL_CLONE, SNAPSHOT})
 
     def __init__(self, directory: Path, limits: qemu_img.QemuImgLimits) -> None:
         self.directory = directory
@@ -180,6 +189,35 @@ class Qcow2DirBackend(StorageBackend):
             raise NotFound("file", str(exc.filename), called="at") from None
         except OSError as exc:
             raise _os_error(exc, f"write to {dest}", self.directory) from exc
+
+    # -- snapshots: qcow2 internal snapshots -------------------------------------------
+
+    def snapshot_create(self, volume: Path, snapshot: str) -> None:
+        check_snapshot_name(snapshot)
+        # qemu-img would happily make a second snapshot of the same name.
+        if snapshot in self.snapshots(volume):
+            raise Conflict(f"Volume {volume.name} already has a snapshot named '{snapshot}'.")
+        qemu_img.snapshot("create", volume, snapshot, self.limits)
+
+    def snapshots(self, volume: Path) -> list[str]:
+        return qemu_img.snapshot_names(volume, self.limits)
+
+    def snapshot_revert(self, volume: Path, snapshot: str) -> None:
+        # qemu restores the virtual size the snapshot recorded along with its clusters.
+        check_snapshot_name(snapshot)
+        if snapshot not in self.snapshots(volume):
+            raise NotFound(f"snapshot of {volume.name}", snapshot)
+        qemu_img.snapshot("apply", volume, snapshot, self.limits)
+
+    def snapshot_delete(self, volume: Path, snapshot: str) -> None:
+        check_snapshot_name(snapshot)
+        try:
+            if snapshot not in self.snapshots(volume):
+                return
+        except NotFound:
+            return
+        qemu_img.snapshot("delete", volume, snapshot, self.limits)
+
 
 def _os_error(exc: OSError, action: str, directory: Path) -> StorageError:
     if exc.errno == errno.ENOSPC:

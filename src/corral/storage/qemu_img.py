@@ -69,6 +69,22 @@ class QemuImgInfo:
     backing_filename: str | None
     format_specific: Mapping[str, Any]
     """qemu's "format-specific" object: {"type": ..., "data": {...}}; empty if absent."""
+    snapshots: tuple[InternalSnapshot, ...] = ()
+    """A qcow2's internal snapshots, in the order of its snapshot table."""
+
+
+@dataclass(frozen=True)
+class InternalSnapshot:
+    """One entry of a qcow2's snapshot table, as ``qemu-img info`` lists it.
+
+    ``id`` and the date together tell a snapshot from a later one of the same name: qemu
+    may hand a deleted snapshot's id to the next, but not its creation time.
+    """
+
+    id: str
+    name: str
+    date_sec: int
+    date_nsec: int
 
 
 def info(path: Path, fmt: ImageFormat | str, limits: QemuImgLimits) -> QemuImgInfo:
@@ -90,6 +106,11 @@ def info(path: Path, fmt: ImageFormat | str, limits: QemuImgLimits) -> QemuImgIn
             format=str(data["format"]),
             backing_filename=data.get("backing-filename"),
             format_specific=data.get("format-specific", {}),
+            snapshots=tuple(
+                InternalSnapshot(str(x["id"]), str(x["name"]), int(x["date-sec"]),
+                                 int(x["date-nsec"]))
+                for x in data.get("snapshots", [])
+            ),
         )
     except (ValueError, KeyError, TypeError) as exc:
         raise StorageError(f"qemu-img info printed unexpected output for '{path}'.") from exc
@@ -144,6 +165,64 @@ def convert(
     does not exist; a full filesystem raises NoSpace, other failures StorageError.
     """
     src_fmt, dst_fmt = _format(src_fmt), _format(dst_fmt)
+    args = ["convert", "-p", "-f", src_fmt, "-O", dst_fmt, *_creation_options(options),
+            _arg(src), _arg(dst)]
+    _convert(args, f"convert '{src}' to {dst_fmt}", dst, limits, progress)
+
+
+def convert_snapshot(
+    src: Path,
+    snapshot: str,
+    dst: Path,
+    limits: QemuImgLimits,
+    progress: Callable[[float], None] | None = None,
+    *,
+    backing: Path | None = None,
+    options: Mapping[str, str] | None = None,
+) -> None:
+    """Write the disk of the qcow2 ``src`` as it was at its internal ``snapshot`` into a
+    new qcow2 ``dst``, without touching ``src`` or its current data.
+
+    With ``backing``, ``dst`` is an overlay of that qcow2 (``-B``), and only the clusters
+    the snapshot holds itself are copied: ``backing`` must be ``src``'s own base, else
+    ``dst`` would read other bytes where it does not hold them. Without it, ``dst``
+    stands alone (the whole chain flattened). ``src`` is opened with force-share
+    (``-U``), so it may be in use by a running guest: see ``ops.snapshot_clone`` for why
+    that read is sound. ``options`` as for :func:`convert`. Pre: ``dst`` does not exist
+    (else Conflict). On any failure ``dst`` does not exist; an unknown snapshot raises
+    NotFound, a full filesystem NoSpace, other failures StorageError.
+    """
+    fmt = ImageFormat.QCOW2
+    # The snapshot is named, never an id: "-l 1" would pick snapshot id 1, not "1".
+    args = ["convert", "-p", "-U", "-f", fmt, "-l",
+            f"snapshot.name={snapshot.replace(',', ',,')}", "-O", fmt]
+    if backing is not None:
+        args += ["-B", _arg(backing), "-F", fmt]
+    args += [*_creation_options(options), _arg(src), _arg(dst)]
+    try:
+        _convert(args, f"copy snapshot '{snapshot}' of '{src}'", dst, limits, progress)
+    except StorageError as exc:
+        if "Failed to load snapshot" in str(exc) or "Can't find snapshot" in str(exc):
+            raise NotFound("snapshot", snapshot, called="named",
+                           hint=f"'qemu-img snapshot -l {src}' lists the disk's own.") from exc
+        raise
+
+
+def _creation_options(options: Mapping[str, str] | None) -> list[str]:
+    if not options:
+        return []
+    # qemu's option syntax doubles a comma to escape it: no value can add an option.
+    return ["-o", ",".join(f"{k}={v.replace(',', ',,')}" for k, v in options.items())]
+
+
+def _convert(
+    args: list[str],
+    action: str,
+    dst: Path,
+    limits: QemuImgLimits,
+    progress: Callable[[float], None] | None,
+) -> None:
+    """Run a ``qemu-img convert`` writing the new file ``dst``; ``dst`` is gone on failure."""
     try:
         # Claim the name first, so cleaning up after a failure never removes another's file.
         os.close(os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644))
@@ -153,11 +232,6 @@ def convert(
         if exc.errno == errno.ENOSPC:
             raise NoSpace(f"The filesystem holding '{dst}' is full; free space and retry.") from exc
         raise StorageError(f"Cannot create '{dst}': {exc.strerror}.") from exc
-    args = ["convert", "-p", "-f", src_fmt, "-O", dst_fmt]
-    if options:
-        # qemu's option syntax doubles a comma to escape it: no value can add an option.
-        args += ["-o", ",".join(f"{k}={v.replace(',', ',,')}" for k, v in options.items())]
-    args += [_arg(src), _arg(dst)]
     try:
         with tempfile.TemporaryFile() as stderr:
             proc = _popen(args, limits, stderr)
@@ -175,7 +249,7 @@ def convert(
             if _ENOSPC in message:
                 raise NoSpace(f"The filesystem holding '{dst}' is full; free space and retry.")
             failed = subprocess.CompletedProcess(args, proc.returncode, "", message)
-            raise StorageError(_failure(failed, f"convert '{src}' to {dst_fmt}", limits))
+            raise StorageError(_failure(failed, action, limits))
     except BaseException:
         dst.unlink(missing_ok=True)
         raise
@@ -200,6 +274,46 @@ def set_backing(path: Path, backing: Path, limits: QemuImgLimits) -> None:
                 limits)
     if proc.returncode != 0:
         raise StorageError(_failure(proc, f"point '{path}' at base '{backing}'", limits))
+
+
+def snapshot_names(path: Path, limits: QemuImgLimits) -> list[str]:
+    """The internal snapshots of the qcow2 image at ``path``, oldest first (by id).
+
+    Raises NotFound if it does not exist and CorruptImage if qemu-img cannot read it.
+    """
+    proc = _run(["info", "-f", "qcow2", "--output=json", "-U", _arg(path)], limits)
+    if proc.returncode != 0:
+        if "No such file or directory" in proc.stderr:
+            raise NotFound("volume", str(path), called="at")
+        raise CorruptImage(_failure(proc, f"read the qcow2 image '{path}'", limits))
+    try:
+        listed = json.loads(proc.stdout).get("snapshots", [])
+        ordered = sorted(listed, key=lambda s: int(s["id"]))
+        return [str(s["name"]) for s in ordered]
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise StorageError(f"qemu-img info printed unexpected output for '{path}'.") from exc
+
+
+def snapshot(verb: str, path: Path, name: str, limits: QemuImgLimits) -> None:
+    """``qemu-img snapshot`` with ``verb`` one of ``create``, ``apply``, ``delete``, on the
+    qcow2 image at ``path``. The caller checks ``name`` (qemu-img takes it as it is).
+
+    An image another process holds (a running machine) raises Conflict; a full
+    filesystem NoSpace; anything else StorageError.
+    """
+    flag = {"create": "-c", "apply": "-a", "delete": "-d"}[verb]
+    # `qemu-img snapshot` has no -f: the format is named in image options instead, where
+    # a doubled comma escapes one, so no path can add an option.
+    image = f"driver=qcow2,file.driver=file,file.filename={_arg(path).replace(',', ',,')}"
+    proc = _run(["snapshot", "--image-opts", flag, name, image], limits)
+    if proc.returncode == 0:
+        return
+    if "lock" in proc.stderr:
+        raise Conflict(f"Cannot {verb} snapshot '{name}' of '{path.name}': another process "
+                       "is using the volume.")
+    if _ENOSPC in proc.stderr:
+        raise NoSpace(f"The filesystem holding '{path}' is full; free space and retry.")
+    raise StorageError(_failure(proc, f"{verb} snapshot '{name}' of '{path}'", limits))
 
 
 def _format(fmt: ImageFormat | str) -> ImageFormat:

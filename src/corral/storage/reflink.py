@@ -6,15 +6,22 @@ the base's extent count (about 40,000 extents take visibly longer than one); btr
 subvolume snapshots (``corral.storage.btrfs``) do not. Deleting a base is safe: a clone
 holds its own references to the shared extents, so it keeps reading the same bytes.
 
+A snapshot is a reflink of the volume's file too, kept read-only beside it as
+``.snapshots/<file>@<snapshot>`` in the volume's directory; a revert reflinks it back
+to a temporary name and renames that over the volume (atomic). Deleting the volume
+deletes its snapshots first.
+
 Everything that is about files (put_file, fetch, read_range…) is the directory backend's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
 import struct
+import tempfile
 from pathlib import Path
 from typing import ClassVar
 
@@ -22,7 +29,13 @@ from corral.errors import Conflict, NoSpace, NotFound, StorageError
 from corral.formats.qcow2 import read_qcow2_header
 from corral.model import DiskUsage
 from corral.storage import qemu_img
-from corral.storage.base import FULL_CLONE, LINKED_CLONE, THIN_PROVISIONING
+from corral.storage.base import (
+    FULL_CLONE,
+    LINKED_CLONE,
+    SNAPSHOT,
+    THIN_PROVISIONING,
+    check_snapshot_name,
+)
 from corral.storage.qcow2_dir import Qcow2DirBackend
 
 _FICLONE = 0x40049409  # _IOW(0x94, 9, int)
@@ -34,13 +47,15 @@ _FIEMAP = struct.Struct("=QQIIII")  # fm_start, fm_length, flags, mapped, count,
 _EXTENT = struct.Struct("=QQQQQIIII")  # logical, physical, length, 2 reserved, flags, 3 rsvd
 _BATCH = 512
 _QCOW2_MAGIC = b"QFI\xfb"
+SNAPSHOT_DIR = ".snapshots"
+"""The directory, beside a pool's volumes, that holds their snapshots."""
 
 
 class ReflinkBackend(Qcow2DirBackend):
     """A directory on a reflink-capable filesystem. Volumes are qcow2 or raw files."""
 
     capabilities: ClassVar[frozenset[str]] = frozenset(
-        {LINKED_CLONE, FULL_CLONE, THIN_PROVISIONING}
+        {LINKED_CLONE, FULL_CLONE, THIN_PROVISIONING, SNAPSHOT}
     )
 
     def linked_clone(self, base: Path, dest: Path, virtual_size: int) -> None:
@@ -72,6 +87,81 @@ class ReflinkBackend(Qcow2DirBackend):
             raise StorageError(f"Could not read the extents of {path}: {exc.strerror}.") from exc
         finally:
             os.close(fd)
+
+    def delete(self, path: Path) -> None:
+        """Remove the volume and, first, its snapshots (so none outlives it). Idempotent."""
+        for snap in _snapshot_files(path):
+            snap.unlink(missing_ok=True)
+        super().delete(path)
+
+    # -- snapshots: reflinks of the file ------------------------------------------------
+
+    def snapshot_create(self, volume: Path, snapshot: str) -> None:
+        check_snapshot_name(snapshot)
+        if not volume.is_file():
+            raise NotFound("volume", str(volume), called="at")
+        target = snapshot_file(volume, snapshot)
+        target.parent.mkdir(exist_ok=True)
+        try:
+            reflink(volume, target, self.directory)
+        except Conflict:
+            raise Conflict(
+                f"Volume {volume.name} already has a snapshot named '{snapshot}'."
+            ) from None
+        target.chmod(0o444)
+
+    def snapshots(self, volume: Path) -> list[str]:
+        if not volume.is_file():
+            raise NotFound("volume", str(volume), called="at")
+        return [p.name.split("@", 1)[1] for p in _snapshot_files(volume)]
+
+    def snapshot_revert(self, volume: Path, snapshot: str) -> None:
+        check_snapshot_name(snapshot)
+        if not volume.is_file():
+            raise NotFound("volume", str(volume), called="at")
+        source = snapshot_file(volume, snapshot)
+        if not source.is_file():
+            raise NotFound(f"snapshot of {volume.name}", snapshot)
+        # A fresh name in the volume's directory, so the rename replaces it atomically.
+        fd, name = tempfile.mkstemp(prefix=f".{volume.name}.", suffix=".revert",
+                                    dir=volume.parent)
+        os.close(fd)
+        temp = Path(name)
+        temp.unlink()
+        try:
+            reflink(source, temp, self.directory)
+            temp.chmod(0o644)
+            temp.replace(volume)
+        except BaseException:
+            temp.unlink(missing_ok=True)
+            raise
+
+    def snapshot_delete(self, volume: Path, snapshot: str) -> None:
+        check_snapshot_name(snapshot)
+        snapshot_file(volume, snapshot).unlink(missing_ok=True)
+
+
+def snapshot_file(volume: Path, snapshot: str) -> Path:
+    """Where the reflink snapshot ``snapshot`` of ``volume`` lives. Pure."""
+    return volume.parent / SNAPSHOT_DIR / f"{volume.name}@{snapshot}"
+
+
+def _snapshot_files(volume: Path) -> list[Path]:
+    """The volume's snapshot files, oldest first: a reflink's mtime is when it was made,
+    and of two made within one clock tick the later has the higher inode number on btrfs
+    (XFS makes no such promise, so there two snapshots taken in the same few ms may be
+    listed in either order)."""
+    folder = volume.parent / SNAPSHOT_DIR
+    try:
+        found = [p for p in folder.iterdir() if p.name.startswith(f"{volume.name}@")]
+    except FileNotFoundError:
+        return []
+    stamped = []
+    for p in found:
+        with contextlib.suppress(FileNotFoundError):
+            st = p.stat()
+            stamped.append((st.st_mtime_ns, st.st_ino, p))
+    return [p for _, _, p in sorted(stamped)]
 
 
 def reflink(source: Path, dest: Path, pool: Path) -> None:

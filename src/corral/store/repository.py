@@ -56,6 +56,7 @@ from corral.model import (
     Role,
     Step,
     StepState,
+    StoragePool,
     Token,
     Usage,
     User,
@@ -73,6 +74,7 @@ from corral.store.tables import (
     MembershipRow,
     ProjectRow,
     StepRow,
+    StoragePoolRow,
     TokenRow,
     UserRow,
 )
@@ -259,6 +261,14 @@ class Store:
                     f"Host '{name}' still holds machines: {', '.join(held[:3])}{more}.",
                     hint="Delete or move them first ('corral vm list --host NAME').",
                 )
+            pools = list(s.scalars(select(StoragePoolRow.name)
+                                   .where(StoragePoolRow.host == name)
+                                   .order_by(StoragePoolRow.name)))
+            if pools:
+                raise Conflict(
+                    f"Host '{name}' still holds the storage pools {', '.join(pools)}.",
+                    hint="Remove them first ('corral pool remove NAME').",
+                )
             s.execute(delete(HostRow).where(HostRow.name == name))
 
     def get_host(self, name: str) -> Host:
@@ -419,6 +429,51 @@ class Store:
                  .where((MachineRow.image == name) | (MachineRow.kernel_image == name))
                  .order_by(MachineRow.name))
             return list(s.scalars(q))
+
+    # -- storage pools -----------------------------------------------------------------
+
+    def add_storage_pool(self, pool: StoragePool) -> None:
+        row = StoragePoolRow(name=pool.name, type=pool.type, host=pool.host, path=pool.path,
+                             created_at=pool.created_at or utcnow())
+        try:
+            with self._tx() as s:
+                if s.get(HostRow, pool.host) is None:
+                    raise NotFound("host", pool.host)
+                s.add(row)
+        except IntegrityError as exc:
+            raise Conflict(
+                f"A storage pool named '{pool.name}', or one at {pool.path}, already exists.",
+                hint="'corral pool list' shows the pools.",
+            ) from exc
+
+    def find_storage_pool(self, name: str) -> StoragePool | None:
+        with self._read() as s:
+            row = s.get(StoragePoolRow, name)
+            return None if row is None else _storage_pool(row)
+
+    def list_storage_pools(self, host: str | None = None) -> list[StoragePool]:
+        with self._read() as s:
+            q = select(StoragePoolRow).order_by(StoragePoolRow.name)
+            if host is not None:
+                q = q.where(StoragePoolRow.host == host)
+            return [_storage_pool(r) for r in s.scalars(q)]
+
+    def delete_storage_pool(self, name: str) -> None:
+        """Forget a pool; refused while a machine's disk is recorded in it."""
+        with self._tx() as s:
+            if s.get(StoragePoolRow, name) is None:
+                raise NotFound("storage pool", name)
+            held = list(s.scalars(select(MachineRow.name)
+                                  .where(MachineRow.storage_pool == name)
+                                  .order_by(MachineRow.name).limit(4)))
+            if held:
+                more = ", …" if len(held) > 3 else ""
+                raise Conflict(
+                    f"Storage pool '{name}' still holds the disks of {', '.join(held[:3])}"
+                    f"{more}.",
+                    hint="Delete those machines first ('corral vm list').",
+                )
+            s.execute(delete(StoragePoolRow).where(StoragePoolRow.name == name))
 
     # -- machines ----------------------------------------------------------------------
 
@@ -1113,6 +1168,7 @@ def _machine_values(m: Machine) -> dict[str, Any]:
         placement=m.placement.to_json(),
         placement_group=m.placement.group,
         kernel_image=m.kernel_image,
+        storage_pool=m.storage_pool,
     )
 
 
@@ -1138,7 +1194,13 @@ def _machine(row: MachineRow | Row[*tuple[Any, ...]]) -> Machine:
         disk_claim=row.disk_claim,
         placement=PlacementHints.from_json(row.placement, row.placement_group),
         kernel_image=row.kernel_image,
+        storage_pool=row.storage_pool,
     )
+
+
+def _storage_pool(row: StoragePoolRow) -> StoragePool:
+    return StoragePool(name=row.name, type=row.type, host=row.host, path=row.path,
+                       created_at=row.created_at)
 
 
 def _job(row: JobRow) -> Job:

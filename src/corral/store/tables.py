@@ -89,6 +89,22 @@ class MachineRow(Base):
     kernel_image: Mapped[str | None] = mapped_column(
         ForeignKey("images.name", ondelete="RESTRICT")
     )
+    # RESTRICT: a pool cannot be removed from under the disks it holds.
+    storage_pool: Mapped[str | None] = mapped_column(
+        ForeignKey("storage_pools.name", ondelete="RESTRICT")
+    )
+
+
+class StoragePoolRow(Base):
+    """A storage pool added with ``corral pool add`` (hosts' own pools are not rows)."""
+
+    __tablename__ = "storage_pools"
+
+    name: Mapped[str] = mapped_column(String(63), primary_key=True)
+    type: Mapped[str] = mapped_column(String(63))
+    host: Mapped[str] = mapped_column(ForeignKey("hosts.name", ondelete="RESTRICT"))
+    path: Mapped[str] = mapped_column(Text, unique=True)
+    created_at: Mapped[datetime]
 
 
 class HostImageRow(Base):

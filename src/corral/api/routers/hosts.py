@@ -13,6 +13,7 @@ import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Response
@@ -29,6 +30,7 @@ from corral.api.schemas import (
     HostUpdate,
     Maintenance,
     Name,
+    PoolCreate,
     PoolOut,
     PoolUsageOut,
 )
@@ -37,7 +39,9 @@ from corral.errors import Conflict
 from corral.model import Host, HostPlacement, HostState, PowerState
 from corral.ops import hosts as host_ops
 from corral.ops import migrate as move_ops
+from corral.ops import pools as pool_ops
 from corral.ops import usage as usage_ops
+from corral.ops.accounts import Principal
 from corral.ops.context import Context
 from corral.ops.hosts import DEFAULT_REMOTE_POOL
 from corral.ops.migrate import ManyMoves, MoveFailure, MoveResult
@@ -247,15 +251,38 @@ def pool_usage(caller: Caller, svc: ServicesDep, host: Name | None = None) -> li
     return [PoolUsageOut.of(u) for u in usage_ops.pool_usage(svc.ctx, host)]
 
 
-@pools.get("", summary="Every host's storage pool with capacity and claims")
-def list_pools(_caller: Caller, svc: ServicesDep) -> list[PoolOut]:
-    out = []
-    for host in svc.ctx.store.list_hosts():
-        claimed = svc.ctx.store.host_claims(host.name).disk_bytes
-        capacity = host.disk_bytes or None
-        out.append(PoolOut(
-            name=host.pool_name, host=host.name, type="qcow2", path=host.pool_path,
-            capacity_bytes=capacity, claimed_bytes=claimed,
-            free_bytes=None if capacity is None else max(0, capacity - claimed),
-        ))
-    return out
+@pools.get("", summary="Every host's own storage pool, then the added ones")
+def list_pools(caller: Caller, svc: ServicesDep) -> list[PoolOut]:
+    return [_pool_out(caller, svc, v) for v in pool_ops.list_pools(svc.ctx)]
+
+
+@pools.get("/{name}", summary="One added storage pool", responses=documented(400, 404, 422))
+def get_pool(name: Name, caller: Caller, svc: ServicesDep) -> PoolOut:
+    return _pool_out(caller, svc, pool_ops.show_pool(svc.ctx, name))
+
+
+@pools.delete("/{name}", status_code=204, summary="Forget an added storage pool (admins)",
+              responses=documented(400, 403, 404, 409, 422))
+def remove_pool(name: Name, caller: Caller, svc: ServicesDep) -> Response:
+    """Refused (409) while a machine's disk is in it. Corral deletes its copies of images
+    there; the directory and anything else in it stay."""
+    caller.require_admin()
+    pool_ops.remove_pool(svc.ctx, name)
+    return Response(status_code=204)
+
+
+def _pool_out(caller: Principal, svc: ServicesDep, view: pool_ops.PoolView) -> PoolOut:
+    """Only the machines the caller may see are named."""
+    seen = {m.name for m in svc.ctx.store.list_machines() if caller.can_read(m.project)}
+    out = view.to_dict()
+    return PoolOut(**{**out, "machines": [n for n in out["machines"] if n in seen]})
+
+
+@pools.post("", status_code=201, summary="Add a storage pool of a type (admins)",
+            responses=documented(400, 403, 409, 422))
+def add_pool(body: PoolCreate, caller: Caller, svc: ServicesDep) -> PoolOut:
+    """A directory on the server's host, managed by the ``corral.storage`` plugin of
+    ``type``; refused if the filesystem cannot serve that type."""
+    caller.require_admin()
+    pool_ops.add_pool(svc.ctx, body.name, body.type, Path(body.path))
+    return _pool_out(caller, svc, pool_ops.show_pool(svc.ctx, body.name))
