@@ -358,6 +358,15 @@ class SnapshotOut(BaseModel):
                    memory=s.with_memory, description=s.description, current=s.name == current)
 
 
+class SnapshotClone(Strict):
+    name: Name = Field(description="The new machine's name.")
+    clone: CloneMode = Field(
+        default=CloneMode.LINKED,
+        description="linked: an overlay of the source's base when the source is a linked "
+                    "clone (only the snapshot's own data is copied); full: standalone.")
+    start: bool = Field(default=True, description="Start the new machine once it is made.")
+
+
 class MachineMigrate(Strict):
     to: Name | None = Field(default=None, description="Target host; null: the scheduler's pick.")
     live: bool = Field(default=False, description="Move a running machine without stopping it.")

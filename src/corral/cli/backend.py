@@ -34,11 +34,12 @@ from corral.errors import CorralError, InvalidInput, NotFound
 from corral.model import CloneMode, HostPlacement, ImageFormat, JobState, MachineSpec
 from corral.ops import hosts as host_ops
 from corral.ops import images as image_ops
-from corral.ops import lifecycle, provision
+from corral.ops import lifecycle, provision, snapshot_clone
 from corral.ops import pools as pool_ops
 from corral.ops import snapshots as snapshot_ops
 from corral.ops import usage as usage_ops
 from corral.ops.context import Context
+from corral.ops.snapshot_clone import SnapshotRef
 
 Row = dict[str, Any]
 Progress = Callable[[str, float], None]
@@ -86,6 +87,10 @@ class Backend(Protocol):
     def kill(self, name: str) -> None: ...
     def delete_machine(self, name: str, *, force: bool) -> None: ...
     def clone_machine(self, source: str, new: str, mode: CloneMode) -> Row: ...
+    def create_from_snapshot(
+        self, ref: SnapshotRef, new: str, mode: CloneMode, *, start: bool, wait: bool,
+        timeout: float | None,
+    ) -> Row: ...
     def images(self) -> list[Row]: ...
     def image(self, name: str) -> Row: ...
     def import_image(self, req: ImportRequest, progress: Progress) -> Row: ...
@@ -244,6 +249,17 @@ class LocalBackend:
     def clone_machine(self, source: str, new: str, mode: CloneMode) -> Row:
         machine = lifecycle.clone(self.ctx, source, new, mode)
         return machine_dict(lifecycle.status(self.ctx, machine))
+
+    def create_from_snapshot(
+        self, ref: SnapshotRef, new: str, mode: CloneMode, *, start: bool, wait: bool,
+        timeout: float | None,
+    ) -> Row:
+        snapshot_clone.create_from_snapshot(self.ctx, ref, new, mode=mode, start=start)
+        if wait:
+            with Board([new], "booting") as board:
+                provision.wait_ready(self.ctx, [new], timeout or self.ctx.settings.ready_timeout,
+                                     board.update)
+        return self.machine(new)
 
     def images(self) -> list[Row]:
         return [image_dict(i) for i in self.ctx.store.list_images()]

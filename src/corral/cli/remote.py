@@ -33,6 +33,7 @@ from corral.errors import (
     Unauthenticated,
 )
 from corral.model import CloneMode, HostPlacement, JobState, MachineSpec
+from corral.ops.snapshot_clone import SnapshotRef
 
 _CHUNK = 1 << 20
 _RUNNING = (JobState.PENDING.value, JobState.RUNNING.value)
@@ -395,6 +396,24 @@ class RemoteBackend:
 
     def clone_machine(self, source: str, new: str, mode: CloneMode) -> Row:
         self._run(self.api.post(f"/machines/{source}/clone", {"name": new, "clone": mode.value}))
+        return self.machine(new)
+
+    def create_from_snapshot(
+        self, ref: SnapshotRef, new: str, mode: CloneMode, *, start: bool, wait: bool,
+        timeout: float | None,
+    ) -> Row:
+        # As create_machines: the server starts the machine after its job (deleting it
+        # if it will not start); --wait waits until it runs.
+        accepted = self.api.post(f"/machines/{ref.machine}/snapshots/{ref.snapshot}/clone",
+                                 {"name": new, "clone": mode.value, "start": start})
+        failed: dict[str, CorralError] = {}
+        with Board([new], "pending") as board:
+            self._run(accepted, lambda j: board.update(new, _doing(j)))
+            board.update(new, "created")
+            if start:
+                self._until_running([new], failed, board, timeout or 180.0)
+        if failed:
+            raise failed[new]
         return self.machine(new)
 
     def images(self) -> list[Row]:

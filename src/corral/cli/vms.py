@@ -37,14 +37,21 @@ from corral.errors import CorralError, InvalidInput
 from corral.model import CloneMode, MachineSpec
 from corral.model.units import parse_size
 from corral.ops import lifecycle, reconcile
+from corral.ops.snapshot_clone import SnapshotRef
 
 app = typer.Typer(help="Machines: create, inspect, power, clone, delete.", no_args_is_help=True)
 
 
 @app.command()
 def create(
+    cli: typer.Context,
     name: Annotated[str, typer.Argument(help="machine name; NAME-1 … NAME-N with --count")],
-    image: Annotated[str, typer.Option(help="library image to clone")],
+    image: Annotated[str | None, typer.Option(help="library image to clone")] = None,
+    from_snapshot: Annotated[
+        str | None, typer.Option(
+            "--from-snapshot", metavar="MACHINE@SNAPSHOT",
+            help="the disk of MACHINE as it was at SNAPSHOT (instead of --image)")
+    ] = None,
     count: Annotated[int, typer.Option(help="how many machines")] = 1,
     cpus: Annotated[int, typer.Option(help="vCPUs per machine")] = 1,
     memory: Annotated[str, typer.Option(help="memory per machine, e.g. 512M")] = "256M",
@@ -76,8 +83,20 @@ def create(
 ) -> None:
     """Create machines from an image, each with its own UUID, MAC, hostname and seed.
 
-    Without --host, each machine goes to the most fitting host of the pool.
+    Without --host, each machine goes to the most fitting host of the pool. With
+    --from-snapshot, one machine whose disk is another's as it was at a snapshot, on
+    that machine's host, with its hardware and keys (a linked clone of the same base
+    when it is one).
     """
+    if (image is None) == (from_snapshot is None):
+        raise InvalidInput("Give exactly one of --image and --from-snapshot.")
+    if wait and no_start:
+        raise InvalidInput("--wait and --no-start contradict each other; choose one.")
+    if from_snapshot is not None:
+        _create_from_snapshot(cli, name, from_snapshot, clone, start=not no_start, wait=wait,
+                              timeout=timeout, output=output)
+        return
+    assert image is not None
     keys = tuple(_read_key(p) for p in ssh_key or [])
     spec = MachineSpec(
         name=name,
@@ -91,8 +110,6 @@ def create(
         placement=placement_hints(host, tag, group, affinity, anti_affinity, soft, fast),
         pool=pool,
     )
-    if wait and no_start:
-        raise InvalidInput("--wait and --no-start contradict each other; choose one.")
     if dry_run:
         with backend() as b:
             rows = b.plan_placement(spec, count)
@@ -105,6 +122,30 @@ def create(
         error(f"{failed_name}: {exc}")
     if result.failed:
         raise typer.Exit(next(iter(result.failed.values())).exit_code)
+
+
+_NOT_WITH_SNAPSHOT = ("count", "cpus", "memory", "disk_size", "ssh_key", "host", "tag", "group",
+                      "affinity", "anti_affinity", "soft", "fast", "pool", "dry_run")
+"""What ``--from-snapshot`` takes from the source machine (or does not do)."""
+
+
+def _create_from_snapshot(
+    cli: typer.Context, name: str, ref: str, clone: CloneMode, *, start: bool, wait: bool,
+    timeout: float | None, output: Output,
+) -> None:
+    # By the source's name: typer carries a click of its own, with its own enum.
+    sources = {p: cli.get_parameter_source(p) for p in _NOT_WITH_SNAPSHOT}
+    given = [f"--{p.replace('_', '-')}" for p, source in sources.items()
+             if source is not None and source.name != "DEFAULT"]
+    if given:
+        raise InvalidInput(
+            f"{' and '.join(given)} cannot be given with --from-snapshot: the new machine "
+            "is one, on its source's host, with the source's hardware and keys.")
+    parsed = SnapshotRef.parse(ref)
+    with backend() as b:
+        row = b.create_from_snapshot(parsed, name, clone, start=start, wait=wait,
+                                     timeout=timeout)
+    emit([row], output, machines_table([row]))
 
 
 def _read_key(path: Path) -> str:

@@ -28,6 +28,7 @@ from corral.api.schemas import (
     Page,
     PlacementOut,
     PlacementPlan,
+    SnapshotClone,
     SnapshotCreate,
     SnapshotOut,
     UsageOut,
@@ -36,12 +37,13 @@ from corral.api.schemas import (
 from corral.api.services import Services
 from corral.errors import NotFound
 from corral.model import Machine, MachineSpec, PlacementHints, RecordState
-from corral.ops import lifecycle, provision
+from corral.ops import lifecycle, provision, snapshot_clone
 from corral.ops import migrate as move_ops
 from corral.ops import snapshots as snapshot_ops
 from corral.ops.accounts import Principal
 from corral.ops.context import Context
 from corral.ops.jobs import execute_job
+from corral.ops.snapshot_clone import SnapshotRef
 from corral.store.repository import MachineFilter
 
 _NEW = {"name": "$response.body#/jobs/0/target"}
@@ -276,6 +278,25 @@ def create_snapshot(name: Name, body: SnapshotCreate, caller: Caller,
     caller.require_manage(visible(svc.ctx, caller, name).project)
     made = snapshot_ops.create(svc.ctx, name, body.name, body.description)
     return SnapshotOut.of(made, made.name)
+
+
+@router.post(
+    "/{name}/snapshots/{snapshot}/clone", status_code=202,
+    summary="Create a machine from a snapshot",
+    responses={**_ACCEPTED, **documented(409, 507)},
+)
+def clone_snapshot(name: Name, snapshot: Name, body: SnapshotClone, caller: Caller,
+                   svc: ServicesDep) -> Accepted:
+    """A new machine whose disk is this machine's as it was at the snapshot, with an
+    identity of its own, on this machine's host (which must be the server's own). The
+    machine may be running: it is neither paused nor reverted. With ``start``, the new
+    machine is started after its job, and deleted if it will not start."""
+    source = visible(svc.ctx, caller, name)
+    caller.require_manage(source.project)
+    job = snapshot_clone.prepare(svc.ctx, SnapshotRef(name, snapshot), body.name, body.clone)
+    svc.worker.submit(f"creating {body.name} from {name}@{snapshot}", snapshot_clone.finish,
+                      svc.ctx, job, body.start)
+    return Accepted(jobs=[JobOut.of(job)])
 
 
 @router.post("/{name}/snapshots/{snapshot}/revert", summary="Revert to a snapshot",
