@@ -15,6 +15,16 @@ Two facts about libvirt 9's dir pools shape the code below (both measured):
 * A hole sent on an upload stream is ``lseek`` plus ``ftruncate`` at the hole's end: it
   does not zero bytes already in the file. ``write_range`` therefore sends zeros, not
   holes, over the part of a volume that may hold old bytes.
+
+Deleting a qcow2 volume that another volume of the pool reads through as its base is
+refused (Conflict naming it). libvirt's volume XML names each volume's backing file, so
+``delete`` refreshes the pool (overlays written through streams or by hand are probed
+then) and reads every volume's XML: one RPC per volume, paid only when a qcow2 volume
+is deleted. Volumes of other pools are not looked at.
+
+No SNAPSHOT: libvirt's storage API has no volume snapshot verb (a ``dir`` pool volume
+can be created, copied, resized, wiped, uploaded, downloaded and deleted, nothing else),
+and qemu-img cannot reach a remote host. Machine snapshots go through the compute driver.
 """
 
 from __future__ import annotations
@@ -133,10 +143,18 @@ class LibvirtPoolBackend(StorageBackend):
                 raise
 
     def delete(self, path: Path) -> None:
+        """Idempotent. Raises Conflict, naming one, while a volume of the pool reads
+        through the qcow2 volume at ``path`` as its base."""
         with self._translated(f"delete {path}"):
             vol = self._lookup(path)
             if vol is None:
                 return
+            dependant = self._dependant(vol, path)
+            if dependant is not None:
+                raise Conflict(
+                    f"Cannot delete {path.name}: the volume {dependant} still reads through "
+                    "it as its base."
+                )
             try:
                 vol.delete(0)
             except libvirt.libvirtError as exc:
@@ -318,6 +336,25 @@ class LibvirtPoolBackend(StorageBackend):
                     raise
             time.sleep(delay)
             delay = min(delay * 2, 0.5)
+
+    def _dependant(self, vol: Any, path: Path) -> str | None:
+        """The path of a volume of the pool whose backing file is ``path``, or None."""
+        root = safe_fromstring(vol.XMLDesc(0), what="volume XML")
+        fmt = root.find("target/format")
+        if path.suffix != ".qcow2" and (fmt is None or fmt.get("type") != "qcow2"):
+            return None  # Corral's overlays name qcow2 bases only
+        pool = self._pool()
+        _refresh(pool)  # learn of overlays written behind libvirt's back
+        for other in pool.listAllVolumes(0):
+            try:
+                desc = safe_fromstring(other.XMLDesc(0), what="volume XML")
+            except libvirt.libvirtError as exc:  # deleted meanwhile
+                if _code(exc) == libvirt.VIR_ERR_NO_STORAGE_VOL:
+                    continue
+                raise
+            if desc.findtext("backingStore/path") == str(path):
+                return str(other.path())
+        return None
 
     def _physical(self, vol: Any) -> int:
         return int(vol.infoFlags(libvirt.VIR_STORAGE_VOL_GET_PHYSICAL)[2])
