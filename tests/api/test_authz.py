@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -58,6 +59,9 @@ def world(served: Served, team: Team, tmp_path_factory: pytest.TempPathFactory) 
         c.post("/users", json={"name": "delete-me", "password": PASSWORD, "role": "viewer"}
                ).raise_for_status()
         c.post("/projects", json={"name": "empty-project"}).raise_for_status()
+        for kept in ("kept", "del"):
+            c.post("/pools", json={"name": served.name(f"pool-{kept}"), "type": "qcow2",
+                                   "path": str(_pool_dir(served, kept))}).raise_for_status()
     token_ids = {}
     with team.client("op1") as op1:
         for role in ("admin", "op1", "other"):
@@ -66,6 +70,18 @@ def world(served: Served, team: Team, tmp_path_factory: pytest.TempPathFactory) 
 
 
 Call = Callable[[httpx.Client, World, str], httpx.Response]
+
+
+def _pool_dir(served: Served, name: str) -> Path:
+    """A directory of its own for a storage pool, beside (not in) the server's state."""
+    path = served.settings.state_dir.parent / f"pools-{name}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _add_pool(c: httpx.Client, w: World, role: str) -> httpx.Response:
+    return c.post("/pools", json={"name": w.n("pool", role), "type": "qcow2",
+                                  "path": str(_pool_dir(w.served, role))})
 
 
 @dataclass(frozen=True)
@@ -149,6 +165,11 @@ ROWS = [
         _simple("POST", "/pool/rebalance", json={"max_moves": 1})),
     Row("GET", "/pools", _everyone(200), _simple("GET", "/pools")),
     Row("GET", "/pools/usage", _admin_only(200), _simple("GET", "/pools/usage")),
+    Row("POST", "/pools", _admin_only(201), _add_pool),
+    Row("GET", "/pools/{name}", _everyone(200),
+        _simple("GET", lambda w, r: f"/pools/{w.served.name('pool-kept')}")),
+    Row("DELETE", "/pools/{name}", _admin_only(204),
+        _simple("DELETE", lambda w, r: f"/pools/{w.served.name('pool-del')}")),
     Row("GET", "/images", _everyone(200), _simple("GET", "/images")),
     Row("GET", "/images/{name}", _p1_reader(), _simple("GET", "/images/img-p1")),
     Row("POST", "/images", _p1_manager(202), _upload),
