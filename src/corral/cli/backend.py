@@ -95,6 +95,9 @@ class Backend(Protocol):
     def image(self, name: str) -> Row: ...
     def import_image(self, req: ImportRequest, progress: Progress) -> Row: ...
     def delete_image(self, name: str) -> None: ...
+    def capture_image(self, machine: str, name: str, *, seal: bool, progress: Progress) -> Row:
+        """The new image's dict, with ``sealed`` and ``seal_report`` (what was removed)."""
+        ...
     def hosts(self) -> list[Row]: ...
     def host(self, name: str) -> Row: ...
     def add_host(self, req: HostRequest) -> Row: ...
@@ -279,6 +282,15 @@ class LocalBackend:
 
     def delete_image(self, name: str) -> None:
         image_ops.delete_image(self.ctx, name)
+
+    def capture_image(self, machine: str, name: str, *, seal: bool, progress: Progress) -> Row:
+        from corral.ops import capture
+
+        what = f"capturing {machine}"
+        done = capture.capture_image(self.ctx, machine, name, seal=seal,
+                                     progress=lambda pct: progress(what, pct))
+        lines = done.report.lines() if done.report is not None else []
+        return {**image_dict(done.image), "sealed": done.sealed, "seal_report": lines}
 
     def hosts(self) -> list[Row]:
         return [host_dict(h, self.ctx.store.host_claims(h.name))

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from corral.cli.backend import ImportRequest, backend, local_only
 from corral.cli.common import OutputOpt, context
@@ -50,6 +51,39 @@ def import_image(
     with backend(enroll=False) as b, progress_bar(f"importing {file.name}") as progress:
         image = b.import_image(request, progress)
     out.print(f"Imported [bold]{image['name']}[/] ({image['source_format']}, sha256 "
+              f"{image['sha256'][:12]}…).")
+
+
+@app.command()
+def capture(
+    machine: Annotated[str, typer.Argument(help="a stopped machine")],
+    name: Annotated[str, typer.Option("--name", help="the new image's name")],
+    seal: Annotated[
+        bool,
+        typer.Option(
+            "--seal/--no-seal",
+            help="remove the machine's identity (machine-id, SSH host keys, cloud-init "
+            "state, DHCP leases) from the copy, so clones do not share it",
+        ),
+    ] = True,
+    output: OutputOpt = Output.TABLE,
+) -> None:
+    """Capture a stopped machine as a new image (a template); the machine is not changed."""
+    with backend(enroll=False) as b, progress_bar(f"capturing {machine}") as progress:
+        image = b.capture_image(machine, name, seal=seal, progress=progress)
+    if output is not Output.TABLE:
+        emit(image, output, details_table(image))
+        return
+    if not seal:
+        out.print(f"Not sealed: clones of [bold]{name}[/] share the identity of {machine} "
+                  "(machine-id, SSH host keys).")
+    elif image["seal_report"]:
+        out.print(f"Sealed the copy of {machine}:")
+        for line in image["seal_report"]:
+            out.print(f"  {escape(line)}")
+    else:
+        out.print(f"Sealed the copy of {machine}: it held no identity to remove.")
+    out.print(f"Captured [bold]{machine}[/] as image [bold]{image['name']}[/] (sha256 "
               f"{image['sha256'][:12]}…).")
 
 

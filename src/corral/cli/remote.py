@@ -469,6 +469,24 @@ class RemoteBackend:
     def delete_image(self, name: str) -> None:
         self.api.delete(f"/images/{name}")
 
+    def capture_image(self, machine: str, name: str, *, seal: bool, progress: Progress) -> Row:
+        what = f"capturing {machine}"
+        accepted = self.api.post("/images/capture",
+                                 {"machine": machine, "name": name, "seal": seal})
+        self._run(accepted, lambda job: progress(what, 100 * float(job.get("progress") or 0)))
+        d = image_row(self.api.get(f"/images/{name}"))
+        lines: list[str] = []
+        if seal:
+            # The job says what it did in an event on the image (ops.capture): "Sealed
+            # image NAME from machine M: emptied /etc/machine-id; removed ...".
+            events = self.api.get("/events", target=name, limit=50)["items"]
+            sealed = next((e for e in events if e["kind"] == "image.sealed"), None)
+            if sealed is not None:
+                what_was_done = sealed["message"].partition(": ")[2].removesuffix(".")
+                if what_was_done != "nothing to remove":
+                    lines = what_was_done.split("; ")
+        return {**d, "sealed": seal, "seal_report": lines}
+
     def hosts(self) -> list[Row]:
         return [host_row(h) for h in self.api.get("/hosts")]
 

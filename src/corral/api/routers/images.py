@@ -1,6 +1,8 @@
-"""Images: list, streamed upload (vetted like any import), delete.
+"""Images: list, streamed upload (vetted like any import), capture of a stopped machine
+(sealed, then imported like any upload), delete.
 
-Shared images (project null) are visible to everyone and changed by admins only.
+Shared images (project null) are visible to everyone and changed by admins only. A
+captured image belongs to its machine's project.
 """
 
 from __future__ import annotations
@@ -11,13 +13,15 @@ from typing import Annotated
 
 import anyio
 from fastapi import APIRouter, Query, Request
+from pydantic import Field
 from starlette.status import HTTP_204_NO_CONTENT
 
 from corral.api.deps import Caller, ServicesDep
 from corral.api.problems import documented, linked
-from corral.api.schemas import Accepted, ImageOut, JobOut, Name
+from corral.api.schemas import Accepted, ImageOut, JobOut, Name, Strict
 from corral.errors import CorralError, InvalidInput, NotFound
 from corral.model import Image, ImageFormat, Job
+from corral.ops import capture as capture_ops
 from corral.ops import images as image_ops
 from corral.ops.accounts import Principal
 from corral.ops.context import Context
@@ -101,6 +105,43 @@ async def upload_image(
         staging.unlink(missing_ok=True)
         raise
     svc.worker.submit(f"importing {name}", _import_then_discard, ctx, job, staging)
+    return Accepted(jobs=[JobOut.of(job)])
+
+
+class ImageCapture(Strict):
+    machine: Name = Field(description="A stopped machine of a project the caller manages.")
+    name: Name = Field(description="The new image's name.")
+    seal: bool = Field(
+        default=True,
+        description="Remove the machine's identity (machine-id, SSH host keys, cloud-init "
+        "state, leases) from the copy first, so clones do not share it.",
+    )
+
+
+@router.post(
+    "/capture",
+    status_code=202,
+    summary="Capture a stopped machine as an image (sealed unless seal is false)",
+    responses={
+        **linked(202, "Accepted: follow the capture job",
+                 GetJob=("get", "/jobs/{job_id}", {"job_id": "$response.body#/jobs/0/id"}),
+                 GetImage=("get", "/images/{name}", {"name": "$response.body#/jobs/0/target"}),
+                 DeleteImage=("delete", "/images/{name}",
+                              {"name": "$response.body#/jobs/0/target"})),
+        **documented(409, 507),
+    },
+)
+def capture_image(body: ImageCapture, caller: Caller, svc: ServicesDep) -> Accepted:
+    """The machine is not changed; the image goes to the machine's project. What sealing
+    removed is recorded as an ``image.sealed`` event on the image."""
+    ctx = svc.ctx
+    machine = ctx.store.find_machine(body.machine)
+    if machine is None or not caller.can_read(machine.project):
+        raise NotFound("machine", body.machine)
+    caller.require_manage(machine.project)
+    job = capture_ops.prepare_capture(ctx, machine.name, body.name, seal=body.seal,
+                                      project=machine.project)
+    svc.worker.submit(f"capturing {machine.name}", execute_job, ctx, job)
     return Accepted(jobs=[JobOut.of(job)])
 
 
