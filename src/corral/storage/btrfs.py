@@ -44,7 +44,7 @@ from corral.storage.base import (
     Progress,
     check_snapshot_name,
 )
-from corral.storage.reflink import SNAPSHOT_DIR, ReflinkBackend, grow
+from corral.storage.reflink import SNAPSHOT_DIR, WRITABLE, ReflinkBackend, grow
 
 _SUBVOLUME_ROOT_INODE = 256  # the inode number of every btrfs subvolume's top directory
 _BTRFS_IOC_SNAP_CREATE_V2 = 0x50009417  # _IOW(0x94, 23, struct btrfs_ioctl_vol_args_v2)
@@ -82,6 +82,7 @@ class BtrfsBackend(ReflinkBackend):
         try:
             if base.name != dest.name:
                 (home / base.name).rename(dest)
+            dest.chmod(WRITABLE)  # the snapshot kept the read-only base's mode
             grow(dest, virtual_size, self.limits)
         except BaseException:
             _delete_subvolume(home)

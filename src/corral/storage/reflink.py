@@ -47,6 +47,8 @@ _FIEMAP = struct.Struct("=QQIIII")  # fm_start, fm_length, flags, mapped, count,
 _EXTENT = struct.Struct("=QQQQQIIII")  # logical, physical, length, 2 reserved, flags, 3 rsvd
 _BATCH = 512
 _QCOW2_MAGIC = b"QFI\xfb"
+WRITABLE = 0o644
+"""A clone's mode: QEMU writes it (as the owner libvirt gives it); bases are 0444."""
 SNAPSHOT_DIR = ".snapshots"
 """The directory, beside a pool's volumes, that holds their snapshots."""
 
@@ -64,6 +66,7 @@ class ReflinkBackend(Qcow2DirBackend):
         exists, NotFound if ``base`` is missing; on failure ``dest`` does not exist."""
         reflink(base, dest, self.directory)
         try:
+            dest.chmod(WRITABLE)  # a clone is the machine's own disk, whatever the base's mode
             grow(dest, virtual_size, self.limits)
         except BaseException:
             dest.unlink(missing_ok=True)
