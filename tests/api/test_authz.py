@@ -132,6 +132,14 @@ def _upload(c: httpx.Client, w: World, role: str) -> httpx.Response:
     return c.post("/images", params={"name": f"up-{role}", "project": "p1"}, content=w.qcow2)
 
 
+def _copy_of_snapshot(c: httpx.Client, w: World, role: str) -> httpx.Response:
+    r = c.post(f"/machines/{w.machine}/snapshots/s-{role}/clone",
+               json={"name": w.n("from-snap", role), "start": False})
+    if r.status_code == 202:
+        finish(c, r)
+    return r
+
+
 def _capture(c: httpx.Client, w: World, role: str) -> httpx.Response:
     # Waited for: the rows after it start the machine, whose disk the capture reads.
     r = c.post("/images/capture", json={"machine": w.machine, "name": w.n("cap", role)})
@@ -204,13 +212,17 @@ ROWS = [
     # Moving machines between hosts is for admins; to the host it is on: 400, nothing moves.
     Row("POST", "/machines/{name}/migrate", {**_admin_only(400), "op2": 404},
         lambda c, w, r: c.post(f"/machines/{w.machine}/migrate", json={"to": "local"})),
-    # Snapshots: each manager takes one, reverts to it and deletes it, in that order.
+    # Snapshots: each manager takes one, reverts to it ...
     Row("GET", "/machines/{name}/snapshots", _p1_reader(),
         _simple("GET", lambda w, r: f"/machines/{w.machine}/snapshots")),
     Row("POST", "/machines/{name}/snapshots", _p1_manager(201), lambda c, w, r: c.post(
         f"/machines/{w.machine}/snapshots", json={"name": f"s-{r}"})),
     Row("POST", "/machines/{name}/snapshots/{snapshot}/revert", _p1_manager(200),
         _simple("POST", lambda w, r: f"/machines/{w.machine}/snapshots/s-{r}/revert")),
+    # ... makes a stopped machine of it (the job is waited for: the snapshot goes next) ...
+    Row("POST", "/machines/{name}/snapshots/{snapshot}/clone", _p1_manager(202),
+        _copy_of_snapshot),
+    # ... and deletes it.
     Row("DELETE", "/machines/{name}/snapshots/{snapshot}", _p1_manager(204),
         _simple("DELETE", lambda w, r: f"/machines/{w.machine}/snapshots/s-{r}")),
     Row("GET", "/jobs", _everyone(200), _simple("GET", "/jobs")),
