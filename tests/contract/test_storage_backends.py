@@ -1,8 +1,14 @@
 """One StorageBackend suite, run on every backend this machine can hold.
 
 Qcow2DirBackend, LibvirtPoolBackend, BtrfsBackend (on a btrfs made on a loop device)
-and ReflinkBackend (on XFS with reflink=1, likewise). lvm-thin, zfs and rbd cases
-skip, saying why. Never mocks libvirt: the pool backend runs on qemu:///system with a
+and ReflinkBackend (on XFS with reflink=1, likewise); LvmThinBackend (a loop-device PV,
+a volume group and a thin pool), ZfsBackend (a zpool on a file vdev) and RbdBackend (an
+RBD namespace in the pool CORRAL_TEST_RBD_POOL names, of the cluster /etc/ceph
+describes) where this machine has what they need, else they skip saying what is
+missing. The lvm-thin and rbd volumes are raw block devices: the helpers read and
+write them as raw, and make bases by converting a local qcow2 in (``full_clone``).
+
+Never mocks libvirt: the pool backend runs on qemu:///system with a
 dir pool named ``corral-test-<random>`` under /var/tmp, defined, started, destroyed and
 undefined around each test, its directory removed, pass or fail. A loop-mounted
 filesystem is made from a sparse file under /var/tmp and unmounted, its loop device
@@ -13,13 +19,14 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import secrets
 import shutil
 import statistics
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,11 +45,15 @@ from corral.storage.base import (
     load_storage_backend,
     snapshots_of,
 )
+from corral.storage.block import BlockVolumeBackend
 from corral.storage.btrfs import BtrfsBackend
 from corral.storage.libvirt_pool import LibvirtPoolBackend, VolumeSpec, volume_xml
+from corral.storage.lvm_thin import LvmThinBackend
 from corral.storage.qcow2_dir import Qcow2DirBackend
 from corral.storage.qemu_img import QemuImgLimits
+from corral.storage.rbd import RbdBackend
 from corral.storage.reflink import ReflinkBackend
+from corral.storage.zfs import ZfsBackend
 from tests.libvirt_cleanup import remove_prefixed
 
 QEMU_URI = "qemu:///system"
@@ -57,6 +68,15 @@ class Env:
     """The pool's directory (local here, so tests may look at the files)."""
     scratch: Path
     """Local files outside the pool."""
+
+    @property
+    def fmt(self) -> str:
+        """The format of the pool's volumes: raw block devices, or qcow2 files."""
+        return "raw" if isinstance(self.backend, BlockVolumeBackend) else "qcow2"
+
+    @property
+    def block(self) -> bool:
+        return isinstance(self.backend, BlockVolumeBackend)
 
 
 def _pool_xml(name: str, path: Path) -> str:
@@ -102,31 +122,146 @@ def loop_mounted(fs: str, top: Path) -> Iterator[Path]:
         subprocess.run(["losetup", "-d", device], check=False)
 
 
-def missing_backend(name: str) -> str:
-    """Why a backend's case cannot run on this machine."""
+RBD_POOL = "CORRAL_TEST_RBD_POOL"
+"""The environment variable naming an RBD pool of a configured Ceph cluster to test in
+(each test makes and removes an RBD namespace of its own there)."""
+
+
+def missing_backend(name: str) -> str | None:
+    """What this machine lacks to run a backend's case, in one line; None if nothing."""
+    lacks: list[str] = []
+
+    def tool(*names: str) -> None:
+        lacks.extend(f"the {n} command" for n in names if shutil.which(n) is None)
+
     if name == "lvm-thin":
+        tool("lvm", "losetup")
         if not Path("/dev/mapper/control").exists():
-            return "lvm-thin: this machine has no device-mapper"
-        return "lvm-thin: no backend is written yet"
-    if name == "zfs":
+            lacks.append("device-mapper (/dev/mapper/control)")
+        elif shutil.which("dmsetup") and "thin-pool" not in subprocess.run(
+                ["dmsetup", "targets"], capture_output=True, text=True, check=False).stdout:
+            lacks.append("the dm-thin-pool target")
+    elif name == "zfs":
+        tool("zfs", "zpool")
         if not Path("/dev/zfs").exists():
-            return "zfs: this machine has no ZFS (not in Debian's main archive)"
-        return "zfs: no backend is written yet"
-    if not Path("/etc/ceph/ceph.conf").exists():
-        return "rbd: this machine has no Ceph cluster"
-    return "rbd: no backend is written yet"
+            lacks.append("the zfs kernel module (/dev/zfs)")
+    else:
+        if not os.environ.get(RBD_POOL):
+            lacks.append(f"a Ceph pool named in {RBD_POOL}")
+        tool("rbd")
+        conf = Path(os.environ.get("CEPH_CONF", "/etc/ceph/ceph.conf"))
+        if not conf.exists():
+            lacks.append(f"a Ceph configuration ({conf})")
+        if not Path("/sys/bus/rbd").exists():
+            lacks.append("the rbd kernel module (/sys/bus/rbd)")
+    return f"{name}: this machine lacks {', '.join(lacks)}" if lacks else None
+
+
+def quiet(*args: str) -> None:
+    """A cleanup command: its failure is printed, never raised over the test's error."""
+    result = subprocess.run(args, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        print(f"cleanup: {' '.join(args)}: {result.stderr.strip()}")
+
+
+@contextlib.contextmanager
+def lvm_thin_pool(top: Path, vg: str) -> Iterator[Path]:
+    """A 2 GiB loop-device PV, the volume group ``vg`` on it and a 1.5 GiB thin pool;
+    the pool's directory (with its pool.json) yielded; all removed on the way out."""
+    image, root = top / "pv.img", top / "pool"
+    with image.open("wb") as f:
+        f.truncate(2 << 30)
+    root.mkdir()
+    (root / "pool.json").write_text(f'{{"volume_group": "{vg}", "thin_pool": "thin"}}')
+    device = run("losetup", "-f", "--show", str(image)).stdout.strip()
+    try:
+        run("pvcreate", "-q", device)
+        try:
+            run("vgcreate", "-q", vg, device)
+            try:
+                run("lvcreate", "-q", "--type", "thin-pool", "-L", "1536m", "-n", "thin", vg)
+                yield root
+            finally:
+                quiet("vgremove", "-f", "-y", vg)
+        finally:
+            quiet("pvremove", "-y", device)
+    finally:
+        quiet("losetup", "-d", device)
+
+
+@contextlib.contextmanager
+def zfs_pool(top: Path, zpool: str) -> Iterator[Path]:
+    """A zpool on a 2 GiB file vdev and a dataset mounted at the pool's directory (with
+    its pool.json) yielded; the zpool destroyed on the way out."""
+    vdev, root = top / "vdev.img", top / "pool"
+    with vdev.open("wb") as f:
+        f.truncate(2 << 30)
+    run("zpool", "create", "-O", "mountpoint=none", zpool, str(vdev))
+    try:
+        run("zfs", "create", "-o", f"mountpoint={root}", f"{zpool}/corral")
+        (root / "pool.json").write_text(f'{{"dataset": "{zpool}/corral"}}')
+        yield root
+    finally:
+        quiet("zpool", "destroy", "-f", zpool)
+
+
+@contextlib.contextmanager
+def rbd_namespace(top: Path, namespace: str) -> Iterator[Path]:
+    """The RBD namespace ``namespace`` in the pool CORRAL_TEST_RBD_POOL names; the pool's
+    directory (with its pool.json) yielded; every image in it unmapped and removed,
+    clones before their parents, and the namespace removed on the way out."""
+    pool, root = os.environ[RBD_POOL], top / "pool"
+    root.mkdir()
+    (root / "pool.json").write_text(
+        f'{{"rbd_pool": "{pool}", "namespace": "{namespace}"}}')
+    run("rbd", "namespace", "create", f"{pool}/{namespace}")
+    try:
+        yield root
+    finally:
+        for _ in range(5):  # clones first: a parent goes in a later round
+            listed = subprocess.run(["rbd", "ls", "--namespace", namespace, pool],
+                                    capture_output=True, text=True, check=False).stdout.split()
+            if not listed:
+                break
+            for image in listed:
+                spec = f"{pool}/{namespace}/{image}"
+                subprocess.run(["rbd", "device", "unmap", spec], capture_output=True,
+                               check=False)
+                snaps = subprocess.run(["rbd", "snap", "ls", "--format", "json", spec],
+                                       capture_output=True, text=True, check=False).stdout
+                for snap in json.loads(snaps or "[]"):
+                    subprocess.run(["rbd", "snap", "unprotect", f"{spec}@{snap['name']}"],
+                                   capture_output=True, check=False)
+                subprocess.run(["rbd", "snap", "purge", spec], capture_output=True,
+                               check=False)
+                subprocess.run(["rbd", "rm", "--no-progress", spec], capture_output=True,
+                               check=False)
+        quiet("rbd", "namespace", "remove", f"{pool}/{namespace}")
 
 
 @pytest.fixture(params=["qcow2-dir", "libvirt-pool", "btrfs", "reflink-xfs",
                         "lvm-thin", "zfs", "rbd"])
 def env(request: pytest.FixtureRequest) -> Iterator[Env]:
     if request.param in ("lvm-thin", "zfs", "rbd"):
-        pytest.skip(missing_backend(request.param))
+        lacking = missing_backend(request.param)
+        if lacking is not None:
+            pytest.skip(lacking)
     prefix = f"corral-test-{secrets.token_hex(3)}"
     top = Path("/var/tmp") / prefix
     root, scratch = top / "pool", top / "scratch"
     scratch.mkdir(parents=True)
     try:
+        made: dict[str, tuple[Callable[[Path, str], contextlib.AbstractContextManager[Path]],
+                              Callable[[Path, QemuImgLimits], StorageBackend]]] = {
+            "lvm-thin": (lvm_thin_pool, LvmThinBackend),
+            "zfs": (zfs_pool, ZfsBackend),
+            "rbd": (rbd_namespace, RbdBackend),
+        }
+        if request.param in made:
+            pool_of, kind = made[request.param]
+            with pool_of(top, prefix) as pool_root:
+                yield Env(kind(pool_root, LIMITS), pool_root, scratch)
+            return
         if request.param == "qcow2-dir":
             root.mkdir()
             yield Env(Qcow2DirBackend(root, LIMITS), root, scratch)
@@ -158,7 +293,11 @@ def qemu_img(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def make_base(env: Env, name: str = "base", size: str = "64M", data: str = "4M") -> Path:
-    """A qcow2 base in the pool, holding ``data`` bytes of 0xab; the pool learns of it."""
+    """A qcow2 base in the pool, holding ``data`` bytes of 0xab; the pool learns of it.
+    Where the backend keeps volumes apart (a dataset, a block device each) it is made as
+    one of them (:func:`make_template`)."""
+    if env.block or isinstance(env.backend, ZfsBackend):
+        return make_template(env, name, size, data)
     path = env.root / f"{name}.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", str(path), size)
     subprocess.run(["qemu-io", "-f", "qcow2", "-c", f"write -P 0xab 0 {data}", str(path)],
@@ -178,15 +317,45 @@ def sparse_file(path: Path, size: int, pieces: dict[int, bytes]) -> str:
 
 def overlays(env: Env) -> bool:
     """Whether a linked clone is a qcow2 overlay reading through its base (else it is
-    a file standing alone, sharing the base's extents)."""
-    return not isinstance(env.backend, ReflinkBackend)
+    a volume of its own sharing the base's extents or blocks)."""
+    return type(env.backend) in (Qcow2DirBackend, LibvirtPoolBackend)
+
+
+def clones_hold_their_base(env: Env) -> bool:
+    """Whether a base cannot go while it has clones: they read through it (qcow2
+    overlays, RBD layering) or keep its snapshot as their origin (ZFS)."""
+    return overlays(env) or isinstance(env.backend, ZfsBackend | RbdBackend)
+
+
+def grow_volume(env: Env, volume: Path, size: int) -> None:
+    """Grow the volume's disk as its machine's owner would: the qcow2 header, or the
+    block device with the backend's own tool."""
+    if isinstance(env.backend, LvmThinBackend):
+        run("lvextend", "--yes", "--size", f"{size}b", f"{env.backend.vg}/{volume.name}")
+    elif isinstance(env.backend, RbdBackend):
+        run("rbd", "resize", "--size", f"{size}B", env.backend.spec(volume.name))
+    else:
+        qemu_img("resize", "-f", "qcow2", str(volume), str(size))
 
 
 def make_template(env: Env, name: str, size: str, data: str) -> Path:
-    """A qcow2 base at ``volume_path(name)`` holding ``data`` bytes of 0xab; on btrfs in a
-    subvolume of its own, as the backend keeps its volumes (so clones are snapshots)."""
+    """A base at ``volume_path(name)`` holding ``data`` bytes of 0xab, kept as the backend
+    keeps its volumes (so clones are snapshots): a qcow2 file, on btrfs in a subvolume of
+    its own, on zfs in a dataset of its own; a raw block volume on lvm-thin and rbd,
+    converted in from a local qcow2."""
     path = env.backend.volume_path(name)
-    if path.parent != env.root:
+    if env.block:
+        local = env.scratch / f"{name}.qcow2"
+        qemu_img("create", "-q", "-f", "qcow2", str(local), size)
+        subprocess.run(["qemu-io", "-f", "qcow2", "-c", f"write -P 0xab 0 {data}",
+                        str(local)], check=True, capture_output=True)
+        env.backend.full_clone(local, path, 0)
+        local.unlink()
+        assert env.backend.exists(path)
+        return path
+    if isinstance(env.backend, ZfsBackend):
+        env.backend.create_empty(path)  # its dataset; qemu-img then writes the file
+    elif path.parent != env.root:
         run("btrfs", "subvolume", "create", str(path.parent))
     qemu_img("create", "-q", "-f", "qcow2", str(path), size)
     subprocess.run(["qemu-io", "-f", "qcow2", "-c", f"write -P 0xab 0 {data}", str(path)],
@@ -195,17 +364,17 @@ def make_template(env: Env, name: str, size: str, data: str) -> Path:
     return path
 
 
-def reads(path: Path, pattern: int, offset: str, length: str) -> bool:
-    """Whether the guest-visible bytes of the qcow2 ``path`` at offset are ``pattern``."""
+def reads(env: Env, path: Path, pattern: int, offset: str, length: str) -> bool:
+    """Whether the guest-visible bytes of the volume ``path`` at offset are ``pattern``."""
     result = subprocess.run(
-        ["qemu-io", "-f", "qcow2", "-r", "-c", f"read -P {pattern:#x} {offset} {length}",
+        ["qemu-io", "-f", env.fmt, "-r", "-c", f"read -P {pattern:#x} {offset} {length}",
          str(path)], capture_output=True, text=True, check=False)
     return result.returncode == 0 and "verification failed" not in result.stdout
 
 
 def guest_digest(env: Env, path: Path) -> str:
     raw = env.scratch / f"{path.stem}.raw"
-    qemu_img("convert", "-f", "qcow2", "-O", "raw", str(path), str(raw))
+    qemu_img("convert", "-f", env.fmt, "-O", "raw", str(path), str(raw))
     try:
         return hashlib.sha256(raw.read_bytes()).hexdigest()
     finally:
@@ -224,8 +393,10 @@ def one_sentence(err: CorralError) -> None:
 
 def test_volume_path_is_pure(env: Env) -> None:
     path = env.backend.volume_path("web-1")
-    if isinstance(env.backend, BtrfsBackend):  # a subvolume per volume
+    if isinstance(env.backend, BtrfsBackend | ZfsBackend):  # a subvolume, a dataset each
         assert path == env.root / "web-1" / "web-1.qcow2"
+    elif env.block:  # the volume's device
+        assert path.name == "web-1" and path.is_relative_to("/dev")
     else:
         assert path == env.root / "web-1.qcow2"
     assert not env.backend.exists(path)
@@ -235,7 +406,7 @@ def test_linked_clone_reads_as_base_and_owns_little(env: Env) -> None:
     base = make_base(env)
     clone = env.backend.volume_path("clone")
     env.backend.linked_clone(base, clone, 128 * MiB)
-    qemu_img("compare", "-f", "qcow2", "-F", "qcow2", str(base), str(clone))
+    qemu_img("compare", "-f", env.fmt, "-F", env.fmt, str(base), str(clone))
     usage = env.backend.usage(clone)
     assert usage.virtual_size == 128 * MiB
     assert usage.owned_bytes < MiB
@@ -267,7 +438,7 @@ def test_full_clone_stands_alone_and_grows(env: Env) -> None:
     assert usage.shared_bytes == 0
     assert "backing" not in qemu_img("info", "--output=json", str(dest)).stdout
     # The first 64 MiB read as the base's (the rest is new, zero space).
-    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "read -P 0xab 0 4M", str(dest)],
+    subprocess.run(["qemu-io", "-f", env.fmt, "-c", "read -P 0xab 0 4M", str(dest)],
                    check=True, capture_output=True)
 
 
@@ -275,12 +446,12 @@ def test_copy_keeps_the_backing_reference(env: Env) -> None:
     base = make_base(env)
     clone = env.backend.volume_path("clone")
     env.backend.linked_clone(base, clone, 64 * MiB)
-    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0xcd 8M 1M", str(clone)],
+    subprocess.run(["qemu-io", "-f", env.fmt, "-c", "write -P 0xcd 8M 1M", str(clone)],
                    check=True, capture_output=True)
     copy = env.backend.volume_path("copy")
     env.backend.copy(clone, copy)
     assert env.backend.sha256(copy) == env.backend.sha256(clone)
-    qemu_img("compare", "-f", "qcow2", "-F", "qcow2", str(clone), str(copy))
+    qemu_img("compare", "-f", env.fmt, "-F", env.fmt, str(clone), str(copy))
     info = qemu_img("info", "--output=json", str(copy)).stdout
     assert (str(base) in info) if overlays(env) else ("backing" not in info)
 
@@ -316,9 +487,9 @@ def test_put_file_small_dense_file(env: Env) -> None:
 
 
 def test_fetch_copies_a_volume_out_byte_for_byte_with_its_holes(env: Env) -> None:
-    overlay = env.root / "web-1.qcow2"
+    overlay = env.backend.volume_path("web-1") if env.block else env.root / "web-1.qcow2"
     env.backend.linked_clone(make_base(env), overlay, 64 * MiB)
-    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0xcd 8M 3M", str(overlay)],
+    subprocess.run(["qemu-io", "-f", env.fmt, "-c", "write -P 0xcd 8M 3M", str(overlay)],
                    check=True, capture_output=True)
     fetched = env.scratch / "fetched.qcow2"
     env.backend.fetch(overlay, fetched)
@@ -518,7 +689,7 @@ def test_a_clone_takes_constant_time(env: Env) -> None:
     print(f"\n{type(env.backend).__name__}: clone 1 GiB {med_big * 1e3:.2f} ms, "
           f"16 MiB {med_small * 1e3:.2f} ms, ratio {med_big / med_small:.2f}")
     assert med_big <= 1.2 * med_small + 0.002
-    assert reads(env.backend.volume_path("big-7"), 0xAB, "255M", "1M")
+    assert reads(env, env.backend.volume_path("big-7"), 0xAB, "255M", "1M")
 
 
 def test_a_clones_writes_are_isolated_from_its_base_and_siblings(env: Env) -> None:
@@ -527,38 +698,39 @@ def test_a_clones_writes_are_isolated_from_its_base_and_siblings(env: Env) -> No
     env.backend.linked_clone(base, a, 64 * MiB)
     env.backend.linked_clone(base, b, 64 * MiB)
     for path, command in ((a, "write -P 0xcd 0 1M"), (b, "write -P 0xef 1M 1M")):
-        subprocess.run(["qemu-io", "-f", "qcow2", "-c", command, str(path)],
+        subprocess.run(["qemu-io", "-f", env.fmt, "-c", command, str(path)],
                        check=True, capture_output=True)
-    assert reads(base, 0xAB, "0", "4M")
-    assert reads(a, 0xCD, "0", "1M") and reads(a, 0xAB, "1M", "3M")
-    assert reads(b, 0xAB, "0", "1M") and reads(b, 0xEF, "1M", "1M")
-    assert reads(b, 0xAB, "2M", "2M")
-    assert not reads(a, 0xAB, "0", "1M")  # the check itself can fail
+    assert reads(env, base, 0xAB, "0", "4M")
+    assert reads(env, a, 0xCD, "0", "1M") and reads(env, a, 0xAB, "1M", "3M")
+    assert reads(env, b, 0xAB, "0", "1M") and reads(env, b, 0xEF, "1M", "1M")
+    assert reads(env, b, 0xAB, "2M", "2M")
+    assert not reads(env, a, 0xAB, "0", "1M")  # the check itself can fail
 
 
 def test_deleting_a_base_with_clones_is_refused_or_safe(env: Env) -> None:
-    """Refused where a clone reads through its base (qcow2 overlays), safe where it
-    stands alone (btrfs, reflink)."""
+    """Refused where a clone needs its base (qcow2 overlays, RBD layering, ZFS origins),
+    safe where it stands alone (btrfs, reflink, lvm-thin)."""
     base = make_template(env, "tmpl", "64M", "4M")
     clone = env.backend.volume_path("web-1")
     env.backend.linked_clone(base, clone, 64 * MiB)
-    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0xcd 0 1M", str(clone)],
+    subprocess.run(["qemu-io", "-f", env.fmt, "-c", "write -P 0xcd 0 1M", str(clone)],
                    check=True, capture_output=True)
     before = guest_digest(env, clone)
     try:
         env.backend.delete(base)
     except Conflict as err:
         one_sentence(err)
-        assert str(clone) in err.message  # names a dependant
-        assert overlays(env)
+        assert clone.name.removesuffix(".qcow2") in err.message  # names a dependant
+        assert clones_hold_their_base(env)
         assert env.backend.exists(base)
     else:
-        assert not overlays(env), "an overlay's base was deleted under it"
+        assert not clones_hold_their_base(env), "a base was deleted under its clone"
         assert not env.backend.exists(base)
-        assert not base.parent.exists() or base.parent == env.root  # its subvolume too
+        if not env.block:  # its subvolume too
+            assert not base.parent.exists() or base.parent == env.root
     assert guest_digest(env, clone) == before
-    assert reads(clone, 0xAB, "1M", "3M")
-    if overlays(env):  # once its last dependant is gone, the base goes
+    assert reads(env, clone, 0xAB, "1M", "3M")
+    if clones_hold_their_base(env):  # once its last dependant is gone, the base goes
         env.backend.delete(clone)
         env.backend.delete(base)
         assert not env.backend.exists(base)
@@ -571,7 +743,7 @@ def test_deleting_a_base_sees_overlays_made_behind_the_backends_back(env: Env) -
         pytest.skip(f"{type(env.backend).__name__}'s clones stand alone: no dependants")
     base = make_base(env)
     overlay = env.root / "by-hand.qcow2"
-    qemu_img("create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(base), str(overlay))
+    qemu_img("create", "-q", "-f", env.fmt, "-F", env.fmt, "-b", str(base), str(overlay))
     copy = env.root / "copied.qcow2"
     env.backend.put_file(overlay, copy)  # raw bytes to the backend; an overlay all the same
     with pytest.raises(Conflict) as err:
@@ -594,7 +766,7 @@ def test_usage_matches_what_the_filesystem_reports(env: Env) -> None:
     base = make_template(env, "tmpl", "64M", "8M")
     clone = env.backend.volume_path("web-1")
     env.backend.linked_clone(base, clone, 64 * MiB)
-    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0xcd 0 2M", str(clone)],
+    subprocess.run(["qemu-io", "-f", env.fmt, "-c", "write -P 0xcd 0 2M", str(clone)],
                    check=True, capture_output=True)
     usage = env.backend.usage(clone)
     run("sync")
@@ -620,8 +792,8 @@ def snapshotting(env: Env) -> Snapshots:
     return snapshots_of(env.backend)
 
 
-def write(path: Path, command: str) -> None:
-    subprocess.run(["qemu-io", "-f", "qcow2", "-c", command, str(path)],
+def write(env: Env, path: Path, command: str) -> None:
+    subprocess.run(["qemu-io", "-f", env.fmt, "-c", command, str(path)],
                    check=True, capture_output=True)
 
 
@@ -630,7 +802,7 @@ def snapshot_volume(env: Env) -> Path:
     base = make_template(env, "tmpl", "64M", "4M")
     volume = env.backend.volume_path("web-1")
     env.backend.linked_clone(base, volume, 64 * MiB)
-    write(volume, "write -P 0x11 0 1M")
+    write(env, volume, "write -P 0x11 0 1M")
     return volume
 
 
@@ -639,9 +811,9 @@ def test_a_snapshot_reverts_exactly_bytes_and_size(env: Env) -> None:
     volume = snapshot_volume(env)
     before, size = guest_digest(env, volume), env.backend.usage(volume).virtual_size
     snaps.snapshot_create(volume, "s1")
-    write(volume, "write -P 0x22 0 2M")
-    qemu_img("resize", "-f", "qcow2", str(volume), "96M")
-    write(volume, "write -P 0x33 80M 1M")
+    write(env, volume, "write -P 0x22 0 2M")
+    grow_volume(env, volume, 96 * MiB)
+    write(env, volume, "write -P 0x33 80M 1M")
     assert guest_digest(env, volume) != before
     snaps.snapshot_revert(volume, "s1")
     assert guest_digest(env, volume) == before
@@ -656,13 +828,13 @@ def test_a_snapshot_survives_writes_and_reverts(env: Env) -> None:
     volume = snapshot_volume(env)
     first = guest_digest(env, volume)
     snaps.snapshot_create(volume, "s1")
-    write(volume, "write -P 0x44 4M 4M")
+    write(env, volume, "write -P 0x44 4M 4M")
     second = guest_digest(env, volume)
     snaps.snapshot_create(volume, "s2")
-    write(volume, "write -P 0x55 0 8M")
+    write(env, volume, "write -P 0x55 0 8M")
     snaps.snapshot_revert(volume, "s2")
     assert guest_digest(env, volume) == second
-    write(volume, "write -P 0x66 1M 1M")  # writes after a revert do not reach s2
+    write(env, volume, "write -P 0x66 1M 1M")  # writes after a revert do not reach s2
     snaps.snapshot_revert(volume, "s2")
     assert guest_digest(env, volume) == second
     try:
@@ -703,10 +875,10 @@ def test_deleting_a_snapshot_keeps_the_volume_and_the_others(env: Env) -> None:
     snaps = snapshotting(env)
     volume = snapshot_volume(env)
     snaps.snapshot_create(volume, "s1")
-    write(volume, "write -P 0x77 2M 1M")
+    write(env, volume, "write -P 0x77 2M 1M")
     snaps.snapshot_create(volume, "s2")
     at_s2 = guest_digest(env, volume)
-    write(volume, "write -P 0x88 3M 1M")
+    write(env, volume, "write -P 0x88 3M 1M")
     now = guest_digest(env, volume)
     snaps.snapshot_delete(volume, "s1")
     assert guest_digest(env, volume) == now
@@ -742,11 +914,15 @@ def test_deleting_a_volume_deletes_its_snapshots(env: Env) -> None:
 
 
 def test_storage_backends_are_entry_points() -> None:
-    assert {"qcow2", "btrfs", "reflink"} <= set(available_storage_backends())
+    assert {"qcow2", "btrfs", "reflink", "lvm-thin", "zfs", "rbd"} <= set(
+        available_storage_backends())
     backend = load_storage_backend("btrfs", Path("/nonexistent"), LIMITS)
     assert isinstance(backend, BtrfsBackend) and LINKED_CLONE in backend.capabilities
     assert type(load_storage_backend("qcow2", Path("/x"), LIMITS)) is Qcow2DirBackend
+    for name, kind in (("lvm-thin", LvmThinBackend), ("zfs", ZfsBackend), ("rbd", RbdBackend)):
+        loaded = load_storage_backend(name, Path("/nonexistent"), LIMITS)  # touches nothing
+        assert type(loaded) is kind and LINKED_CLONE in loaded.capabilities
     with pytest.raises(CorralError) as err:
-        load_storage_backend("zfs", Path("/x"), LIMITS)
+        load_storage_backend("nfs", Path("/x"), LIMITS)
     assert "btrfs" in err.value.message
     one_sentence(err.value)

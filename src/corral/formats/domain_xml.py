@@ -146,6 +146,12 @@ def _backing_store(chain: tuple[str, ...]) -> ET.Element:
     )
 
 
+def _is_block(path: str) -> bool:
+    """A disk under /dev is a block device: the lvm-thin and rbd storage backends' volumes,
+    which hold raw disks (corral.storage.block)."""
+    return path.startswith("/dev/")
+
+
 def _disk(
     target: str, path: str, fmt: str, *, backing: tuple[str, ...] = (), readonly: bool = False
 ) -> ET.Element:
@@ -155,15 +161,16 @@ def _disk(
     driver = {"name": "qemu", "type": fmt}
     if not readonly:
         driver["discard"] = "unmap"  # the guest's TRIM frees space in the pool
+    block = _is_block(path)
     children = [
         _leaf("driver", **driver),
-        _leaf("source", file=path),
+        _leaf("source", dev=path) if block else _leaf("source", file=path),
         _backing_store(backing),
         _leaf("target", dev=target, bus="virtio"),
     ]
     if readonly:
         children.append(_leaf("readonly"))
-    return _with(ET.Element("disk", type="file", device="disk"), children)
+    return _with(ET.Element("disk", type="block" if block else "file", device="disk"), children)
 
 
 def _interface(network: str, mac: str | None) -> ET.Element:
@@ -193,7 +200,8 @@ def _console() -> ET.Element:
 
 def _devices(plan: DomainPlan) -> ET.Element:
     backing = (plan.disk_backing,) if plan.disk_backing is not None else ()
-    children = [_disk(DISK_TARGET, plan.disk_path, "qcow2", backing=backing)]
+    fmt = "raw" if _is_block(plan.disk_path) else "qcow2"
+    children = [_disk(DISK_TARGET, plan.disk_path, fmt, backing=backing)]
     if plan.seed_path is not None:
         children.append(_disk(SEED_TARGET, plan.seed_path, "raw", readonly=True))
     if plan.network is not None:

@@ -255,6 +255,41 @@ def _convert(
         raise
 
 
+def convert_onto(
+    src: Path,
+    src_fmt: ImageFormat | str,
+    device: Path,
+    limits: QemuImgLimits,
+    progress: Callable[[float], None] | None = None,
+) -> None:
+    """Write ``src`` as a raw disk onto the existing, zero-reading ``device`` (a new thin
+    volume), leaving its zeros unwritten (``-n --target-is-zero``).
+
+    The device must be at least ``src``'s virtual size. Failures raise NoSpace (the thin
+    pool is full) or StorageError; the caller removes the device.
+    """
+    src_fmt = _format(src_fmt)
+    args = ["convert", "-p", "-n", "--target-is-zero", "-f", src_fmt, "-O", "raw",
+            _arg(src), _arg(device)]
+    with tempfile.TemporaryFile() as stderr:
+        proc = _popen(args, limits, stderr)
+        assert proc.stdout is not None
+        with proc:
+            try:
+                _follow_progress(proc.stdout.fileno(), progress)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                proc.wait()
+        stderr.seek(0)
+        message = stderr.read().decode(errors="replace")
+    if proc.returncode != 0:
+        if _ENOSPC in message:
+            raise NoSpace(f"The pool holding '{device}' is full; free space and retry.")
+        failed = subprocess.CompletedProcess(args, proc.returncode, "", message)
+        raise StorageError(_failure(failed, f"write '{src}' onto '{device}'", limits))
+
+
 def resize(path: Path, fmt: ImageFormat | str, size: int, limits: QemuImgLimits) -> None:
     """Grow the image at ``path`` to ``size`` bytes; a full filesystem raises NoSpace."""
     fmt = _format(fmt)
