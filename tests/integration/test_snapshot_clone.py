@@ -6,6 +6,8 @@ the snapshot's own clusters; bad requests, failures and kills leave nothing."""
 from __future__ import annotations
 
 import json
+import secrets
+import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -13,8 +15,12 @@ from typing import Any
 
 import pytest
 
+from corral.images.appliance import ApplianceArtifacts
 from tests.guest_shell import run_in_guest, uptime_and_boot
 from tests.integration.conftest import CorralEnv, libvirt_domain_names
+from tests.libvirt_cleanup import remove_prefixed
+from tests.multihost import TestHost, start_hosts, stop_hosts
+from tests.serving import import_appliance
 
 pytestmark = pytest.mark.guest
 
@@ -249,3 +255,42 @@ def test_a_full_pool_during_the_copy_rolls_back(small_pool: CorralEnv) -> None:
     assert leftovers(env) == before
     job = env.json("job", "list")[0]
     assert (job["kind"], job["state"]) == ("snapshot-clone", "rolled-back")
+
+
+REMOTE_ADDRESS = 42  # 127.0.0.42: apart from the other multi-host tests
+
+
+def test_a_source_on_a_remote_host_is_refused_in_one_sentence(
+        appliance: ApplianceArtifacts) -> None:
+    prefix = f"sr{secrets.token_hex(3)}"
+    root = Path("/var/tmp") / f"corral-test-{prefix}"
+    root.mkdir(mode=0o755)
+    env = CorralEnv(root=root, prefix=prefix)
+    env.env = {f"CORRAL_{k.upper()}": str(v) for k, v in env.settings_kwargs.items()}
+    env.env["CORRAL_CONFIG"] = str(root / "none.toml")
+    hosts: list[TestHost] = []
+    try:
+        hosts = start_hosts(root, 1, first_address=REMOTE_ADDRESS)
+        (h,) = hosts
+        import_appliance(env.settings(), appliance)
+        env.run("host", "add", h.name, h.uri, "--pool-path", str(root / "remote-pool"),
+                "--network", f"{prefix}-{h.name}", "--accelerator", "tcg")
+        src = env.name("far")
+        env.run("vm", "create", src, "--image", "appliance", "--host", h.name, "--no-start",
+                timeout=600)
+        env.run("vm", "snapshot", "create", src, "snap")
+        before = sorted(m["name"] for m in env.json("vm", "list"))
+        result = env.run("vm", "create", env.name("near"), "--from-snapshot", f"{src}@snap",
+                         check=False)
+        one_sentence(result, 4, f"Machine '{src}' is on host '{h.name}', and Corral can copy "
+                                "a snapshot only from a machine on its own host.")
+        assert sorted(m["name"] for m in env.json("vm", "list")) == before
+        assert libvirt_domain_names(prefix) == set()
+        env.run("vm", "delete", src)
+    finally:
+        for h in hosts:
+            if h.running:
+                remove_prefixed(h.uri, prefix)
+        stop_hosts(hosts)
+        remove_prefixed("qemu:///system", prefix)
+        shutil.rmtree(root, ignore_errors=True)
