@@ -85,14 +85,12 @@ class StorageBackend(abc.ABC):
     capabilities: ClassVar[frozenset[str]] = frozenset()
 
     def __init_subclass__(cls, **kwargs: object) -> None:
-        # The capability and the verbs go together: a backend cannot declare SNAPSHOT
-        # without them, nor carry them undeclared; so ops may trust either.
+        # A backend cannot declare SNAPSHOT without the verbs. (It may have them and not
+        # declare it, a subclass that cannot keep its parent's promise: snapshots_of
+        # then refuses, as ops check the capability.)
         super().__init_subclass__(**kwargs)
-        if (SNAPSHOT in cls.capabilities) != issubclass(cls, Snapshots):
-            raise TypeError(
-                f"{cls.__name__}: a backend declares SNAPSHOT if and only if it is a "
-                "Snapshots."
-            )
+        if SNAPSHOT in cls.capabilities and not issubclass(cls, Snapshots):
+            raise TypeError(f"{cls.__name__} declares SNAPSHOT but is not a Snapshots.")
 
     @abc.abstractmethod
     def volume_path(self, name: str) -> Path:

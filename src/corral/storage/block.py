@@ -181,7 +181,7 @@ class BlockVolumeBackend(StorageBackend):
     def _require_volume(self, path: Path) -> str:
         name = self.volume_name(path)
         if name is None:
-            raise StorageError(f"{path} is not a volume path of the pool at {self.directory}.")
+            raise StorageError(f"The path {path} is not a volume of the pool at {self.directory}.")
         return name
 
 

@@ -289,7 +289,7 @@ class LvmThinBackend(BlockVolumeBackend, Snapshots):
         name = self.volume_name(path)
         if name is None:
             raise StorageError(
-                f"{path} is not a thin volume of {self.vg}; bring it in with full_clone."
+                f"The path {path} is not a thin volume of {self.vg}; bring it in with full_clone."
             )
         if name not in self._volumes():
             raise NotFound("volume", str(path), called="at")

@@ -299,7 +299,7 @@ class RbdBackend(BlockVolumeBackend, Snapshots):
         name = self.volume_name(path)
         if name is None:
             raise StorageError(
-                f"{path} is not an image of the pool; bring it in with full_clone."
+                f"The path {path} is not an image of the pool; bring it in with full_clone."
             )
         if not self._exists(name):
             raise NotFound("volume", str(path), called="at")

@@ -43,12 +43,12 @@ def read_pool_config(directory: Path, backend: str, keys: Sequence[str],
     except OSError as exc:
         raise StorageError(f"Could not read {path}: {exc.strerror}.") from exc
     except ValueError as exc:
-        raise StorageError(f"{path} is not valid JSON.") from exc
+        raise StorageError(f"The file {path} is not valid JSON.") from exc
     if not isinstance(data, dict):
-        raise StorageError(f"{path} is not a JSON object.")
+        raise StorageError(f"The file {path} is not a JSON object.")
     missing = [k for k in keys if not isinstance(data.get(k), str) or not data[k]]
     if missing:
-        raise StorageError(f"{path} does not name the pool's {', '.join(missing)}.")
+        raise StorageError(f"The file {path} does not name the pool's {', '.join(missing)}.")
     found = {k: str(data[k]) for k in keys}
     for k in optional:
         if isinstance(data.get(k), str) and data[k]:
