@@ -21,6 +21,7 @@ import pytest
 from corral.images.appliance import ApplianceArtifacts
 from tests.guest_shell import run_in_guest
 from tests.libvirt_cleanup import remove_prefixed
+from tests.multihost import start_hosts, stop_hosts
 from tests.serving import import_appliance
 
 from .conftest import CorralEnv
@@ -196,3 +197,27 @@ def test_a_capture_killed_midway_is_rolled_back_by_the_next_command(
     assert f"Recovered interrupted capture job for '{image}'" in recovered.stderr
     assert image not in [i["name"] for i in env.json("image", "list")]
     assert leftovers(env, image) == []
+
+
+def test_a_machine_on_another_host_is_captured_through_libvirt(source: Source) -> None:
+    """The host flattens the chain into a volume, which is fetched, sealed here and
+    removed there."""
+    env = source.env
+    hosts = start_hosts(env.root, 1, first_address=40)
+    pool = env.root / "far-pool"
+    name, image = env.name("far"), env.name("fartmpl")
+    try:
+        env.run("host", "add", "far", hosts[0].uri, "--pool-path", str(pool), "--network",
+                env.name("far"), "--accelerator", "tcg")
+        env.run("vm", "create", name, "--image", "appliance", "--host", "far", "--wait")
+        env.run("vm", "stop", name)
+        before = sorted(p.name for p in pool.iterdir())
+        out = env.run("image", "capture", name, "--name", image).stdout
+        assert "emptied /etc/machine-id" in out and f"removed {KEY}" in out
+        assert sorted(p.name for p in pool.iterdir()) == before  # the flat copy is gone
+        assert not [n for n in leftovers(env, image) if n.startswith(".capture-")]
+        assert env.json("image", "show", image)["boot"] == "kernel"
+    finally:
+        env.run("vm", "delete", "--force", name, check=False)
+        env.run("host", "remove", "far", check=False)
+        stop_hosts(hosts)
