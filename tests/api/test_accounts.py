@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -57,7 +58,8 @@ def test_quota_refuses_machines_vcpus_memory_and_disk(served: Served) -> None:
             ({"count": 3}, "machines"),
             ({"cpus": 2, "count": 2}, "vCPUs"),
             ({"memory_bytes": 512 << 20}, "memory"),
-            ({"disk_bytes": 2 << 30}, "disk"),
+            # a full copy owns its whole size at once; a linked clone only its claim
+            ({"disk_bytes": 2 << 30, "clone": "full"}, "disk"),
         ):
             problem = is_problem(create("q", **spec), 409)
             assert f"{what} quota" in problem["detail"], problem
@@ -71,6 +73,39 @@ def test_quota_refuses_machines_vcpus_memory_and_disk(served: Served) -> None:
         assert usage["machines"] == 2 and usage["memory_bytes"] == 256 << 20
         for suffix in ("q1", "q2"):
             finish(c, c.delete(f"/machines/{served.name(suffix)}"))
+
+
+def test_disk_quota_counts_what_disks_own_at_least_their_claim(served: Served) -> None:
+    """A linked clone counts its claim (its room to grow), not the base it shares; once
+    its guest writes more than that, what it owns counts."""
+    with served.admin() as c:
+        size = c.get("/images/appliance").json()["virtual_size"]
+        claim = int(size * served.settings.linked_clone_growth)
+        quota = size * 3 // 4  # two claims fit; one full copy would not
+        c.post("/projects", json={"name": "pd", "quota": {"disk_bytes": quota}}
+               ).raise_for_status()
+
+        def create(suffix: str) -> httpx.Response:
+            return c.post("/machines", json={"name": served.name(suffix), "image": "appliance",
+                                             "project": "pd", "start": False})
+
+        finish(c, create("d1"))
+        assert c.get("/projects/pd").json()["usage"]["disk_bytes"] == claim
+        disk = c.get(f"/machines/{served.name('d1')}").json()["disk_path"]
+        # the guest's writes, made offline: enough that what the overlay owns plus a new
+        # claim passes the quota, though two claims alone would not
+        written = (quota - claim // 2) // (64 << 10) * (64 << 10)
+        try:
+            subprocess.run(["qemu-io", "-f", "qcow2", "-c", f"write -P 7 0 {written}", disk],
+                           check=True, capture_output=True)
+            problem = is_problem(create("d2"), 409)
+            assert "disk quota" in problem["detail"], problem
+            used = c.get("/projects/pd").json()["usage"]["disk_bytes"]
+            assert written <= used < quota
+        finally:
+            finish(c, c.delete(f"/machines/{served.name('d1')}"))
+        finish(c, create("d3"))  # the room is back
+        finish(c, c.delete(f"/machines/{served.name('d3')}"))
 
 
 def test_quota_holds_under_concurrent_creations(served: Served) -> None:

@@ -101,7 +101,9 @@ def test_a_guest_on_a_typed_pool_boots_snapshots_and_reverts(
     assert "Traceback" not in refused.stderr
 
     env.run("vm", "delete", name, "--force", timeout=300)
-    assert not disk.exists() and not disk.parent.exists()
+    assert not disk.exists()
+    if pool.startswith("btrfs"):
+        assert not disk.parent.exists()  # its subvolume went with it
     env.run("pool", "remove", pool)
     # Corral's copy of the image went with the pool; the directory stays
     assert mnt.is_dir() and [p.name for p in mnt.iterdir() if not p.name.startswith(".")] == []

@@ -127,3 +127,5 @@ class Machine:
     of its own to boot from (an imported disk without a boot loader); ``None``: none."""
     storage_pool: str | None = None
     """The added storage pool holding its disk; ``None``: its host's own pool."""
+    owned_bytes: int = 0
+    """What its disk owned when last measured (pool usage, quota checks)."""

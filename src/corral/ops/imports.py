@@ -66,7 +66,7 @@ from corral.model import (
     Usage,
 )
 from corral.model.units import format_size
-from corral.ops import accounts, lifecycle
+from corral.ops import lifecycle
 from corral.ops import steps as _steps  # noqa: F401  (registers the step kinds)
 from corral.ops.context import Context, HostHandle
 from corral.ops.hosts import local_host
@@ -80,6 +80,7 @@ from corral.ops.jobs import (
     prepare_job,
 )
 from corral.ops.machines import machine_args
+from corral.ops.usage import require_quota
 from corral.storage import qemu_img
 from corral.storage.qemu_img import QemuImgLimits
 from corral.store.repository import ClaimedJob, ClaimRefused, utcnow
@@ -467,8 +468,8 @@ def _plan(
         placement=PlacementHints(host=host),
         kernel_image=kernel.name if kernel is not None else None,
     )
-    accounts.require_room(ctx.store, project, Usage.of(1, machine.cpus, machine.memory_bytes,
-                                                       disk.virtual_size))
+    require_quota(ctx, project, Usage.of(1, machine.cpus, machine.memory_bytes,
+                                         machine.disk_claim))
     return _Plan(machine, disk, kernel, changes, changed, dropped)
 
 

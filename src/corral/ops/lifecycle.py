@@ -9,7 +9,6 @@ from pathlib import Path
 from corral.errors import Conflict, CorralError, NotFound
 from corral.identity import allocate_macs, check_name, new_identity
 from corral.model import CloneMode, DiskUsage, Job, JobState, Machine, PowerState, Usage
-from corral.ops import accounts
 
 # Recovery imports this module (jobs.JOB_MODULES), so the snapshot-clone job kind and its
 # step are registered whatever command meets an interrupted one.
@@ -18,6 +17,7 @@ from corral.ops import steps as _steps  # noqa: F401  (registers the step kinds)
 from corral.ops.context import Context, HostHandle
 from corral.ops.jobs import PlannedStep, Recovery, execute_job, job_kind, prepare_job
 from corral.ops.machines import disk_claim, machine_args, new_machine
+from corral.ops.usage import require_quota
 
 DELETE = job_kind("delete", Recovery.ROLL_FORWARD)
 CLONE = job_kind("clone", Recovery.ROLL_BACK)
@@ -162,11 +162,12 @@ def prepare_clone(
     if not src.managed:
         raise Conflict(f"Machine '{source}' was adopted; Corral cannot clone it yet.")
     size = handle.storage.usage(Path(src.disk_path)).virtual_size
-    accounts.require_room(ctx.store, src.project, Usage.of(1, src.cpus, src.memory_bytes, size))
-    (mac,) = allocate_macs(1, lambda c: ctx.store.taken(macs=c))
     # A linked copy of a full clone or an imported disk stands alone all the same: it has
     # no base to share.
     clone_mode = mode if src.clone is CloneMode.LINKED and src.image else CloneMode.FULL
+    require_quota(ctx, src.project, Usage.of(1, src.cpus, src.memory_bytes,
+                                             disk_claim(ctx, clone_mode, size)))
+    (mac,) = allocate_macs(1, lambda c: ctx.store.taken(macs=c))
     machine = new_machine(
         handle,
         new_identity(new, mac),

@@ -82,6 +82,9 @@ def add_pool(ctx: Context, name: str, type_: str, path: Path) -> StoragePool:
     if name in _RESERVED or name in {h.pool_name for h in ctx.store.list_hosts()}:
         raise InvalidInput(f"'{name}' names a host's own pool or an API route; "
                            "choose another name.")
+    if ctx.store.find_storage_pool(name) is not None:
+        raise Conflict(f"A storage pool named '{name}' already exists.",
+                       hint="'corral pool list' shows the pools.")
     host, _said = local_host(ctx)
     if type_ not in available_storage_backends():
         raise InvalidInput(

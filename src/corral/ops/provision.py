@@ -31,7 +31,7 @@ from corral.model import (
     Usage,
 )
 from corral.model.units import format_size
-from corral.ops import accounts, lifecycle
+from corral.ops import lifecycle
 from corral.ops import steps as _steps  # noqa: F401  (registers the step kinds)
 from corral.ops.console import ReadyReport, read_ready
 from corral.ops.context import Context, HostHandle
@@ -40,6 +40,7 @@ from corral.ops.hosts import local_host
 from corral.ops.jobs import PlannedStep, Recovery, check_steps, execute_job, job_kind
 from corral.ops.machines import disk_claim, machine_args, new_machine
 from corral.ops.pools import base_path, get_pool
+from corral.ops.usage import require_quota
 from corral.storage.base import FULL_CLONE, LINKED_CLONE
 from corral.store.repository import ClaimedJob, ClaimRefused
 
@@ -138,9 +139,8 @@ def _batch(ctx: Context, spec: MachineSpec, count: int, *, dry_run: bool = False
     disk_bytes = spec.disk_bytes or image.virtual_size
     _check_sizes(spec, disk_bytes, image.virtual_size)
     hints = placement.group_hints(ctx, spec.placement)
-    accounts.require_room(
-        ctx.store, spec.project, Usage.of(count, spec.cpus, spec.memory_bytes, disk_bytes)
-    )
+    claim = disk_claim(ctx, spec.clone, disk_bytes)
+    require_quota(ctx, spec.project, Usage.of(count, spec.cpus, spec.memory_bytes, claim))
     taken = ctx.store.taken(names=names) | (set(names) & ctx.driver.domain_names())
     if taken:
         raise Conflict(
@@ -148,7 +148,6 @@ def _batch(ctx: Context, spec: MachineSpec, count: int, *, dry_run: bool = False
             hint="Choose another name, or delete the old machine first.",
         )
     macs = [] if dry_run else allocate_macs(count, lambda c: ctx.store.taken(macs=c))
-    claim = disk_claim(ctx, spec.clone, disk_bytes)
     spec = replace(spec, placement=hints)
     requests = [placement.request(name, spec, image, claim) for name in names]
     return _Batch(spec, image, hints, names, macs, disk_bytes, claim, requests)

@@ -37,13 +37,12 @@ from corral.errors import Conflict, CorralError, InvalidInput, NotFound
 from corral.formats.qcow2 import OVERLAY_CLUSTER_BITS, OVERLAY_EXTENDED_L2
 from corral.identity import allocate_macs, check_name, new_identity
 from corral.model import CloneMode, Job, JobState, Machine, RecordState, Usage
-from corral.ops import accounts
 from corral.ops import steps as _steps  # noqa: F401  (registers the step kinds it reuses)
 from corral.ops.context import Context, HostHandle
 from corral.ops.distribute import image_on
 from corral.ops.jobs import PlannedStep, Recovery, execute_job, job_kind, prepare_job, step
 from corral.ops.machines import disk_claim, machine_args, new_machine
-from corral.ops.usage import require_room
+from corral.ops.usage import require_quota, require_room
 from corral.storage import qemu_img
 
 log = logging.getLogger(__name__)
@@ -164,9 +163,10 @@ def prepare(
         raise Conflict(f"The disk of machine '{src.name}' holds no snapshot named "
                        f"'{ref.snapshot}', though libvirt lists one.")
     size = disk.virtual_size
-    accounts.require_room(ctx.store, src.project, Usage.of(1, src.cpus, src.memory_bytes, size))
     base = _shared_base(ctx, handle, src, disk) if mode is CloneMode.LINKED else None
     clone_mode = CloneMode.LINKED if base is not None else CloneMode.FULL
+    require_quota(ctx, src.project, Usage.of(1, src.cpus, src.memory_bytes,
+                                             disk_claim(ctx, clone_mode, size)))
     (mac,) = allocate_macs(1, lambda c: ctx.store.taken(macs=c))
     machine = new_machine(
         handle,

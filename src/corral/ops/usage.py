@@ -5,6 +5,10 @@ and *shared* bytes to the bases it reads through: ZFS would call owned + shared
 REFER and owned USED. A pool's figures are its host's, read fresh. The fill guard
 (``pool_fill_limit``) refuses new volumes in a pool filled past the limit, before any
 byte is written.
+
+Disk quotas count owned bytes too (at least each disk's claim, see the store's usage):
+the figures are measured again, for the project's machines, before each quota check,
+and whenever ``pool usage`` reads them.
 """
 
 from __future__ import annotations
@@ -15,12 +19,14 @@ from pathlib import Path
 
 from corral.compute.base import PoolSpace
 from corral.errors import CorralError, NoSpace
-from corral.model import Image, Machine, StoragePool
+from corral.model import Image, Machine, StoragePool, Usage
 from corral.model.units import format_size
+from corral.ops import accounts
 from corral.ops.context import Context, HostHandle
 from corral.ops.distribute import image_on
 from corral.ops.pools import base_path, get_pool
 from corral.storage.base import StorageBackend
+from corral.store.repository import MachineFilter
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +80,9 @@ def pool_usage(ctx: Context, host: str | None = None) -> list[PoolUsage]:
     names = [host] if host is not None else sorted(loads)
     own = [_own(ctx, ctx.on(name), loads[name].images) for name in names]
     added = [_added(ctx, pool) for pool in ctx.store.list_storage_pools(host)]
-    return own + added
+    pools = own + added
+    ctx.store.record_owned_bytes({m.name: m.owned_bytes for p in pools for m in p.machines})
+    return pools
 
 
 def _own(ctx: Context, handle: HostHandle, present: frozenset[str]) -> PoolUsage:
@@ -115,6 +123,22 @@ def _tally(storage: StorageBackend, space: PoolSpace, host: str, pool: str, path
         images.append(ImageSpace(image.name, use.virtual_size, use.owned_bytes))
     return PoolUsage(host, pool, path, space.capacity, space.allocation, space.available,
                      space.fill, spaces, images, unreadable)
+
+
+def require_quota(ctx: Context, project: str, asked: Usage) -> None:
+    """Refuse up front what ``project``'s quota has no room for, with its disks' owned
+    bytes measured now. A machine whose disk cannot be read counts as last measured."""
+    if ctx.store.get_project(project).quota.unlimited:
+        return
+    owned = {}
+    for m in ctx.store.list_machines(where=MachineFilter(projects=[project])):
+        try:
+            owned[m.name] = ctx.disk_storage(m.host, m.storage_pool).usage(
+                Path(m.disk_path)).owned_bytes
+        except CorralError:
+            continue
+    ctx.store.record_owned_bytes(owned)
+    accounts.require_room(ctx.store, project, asked)
 
 
 def require_room(ctx: Context, handle: HostHandle, what: str, *,

@@ -15,7 +15,7 @@ from sqlalchemy import Connection, Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
 
 MIGRATIONS = Path(__file__).parent / "migrations"
-SCHEMA_REVISION = "0005"
+SCHEMA_REVISION = "0006"
 """Alembic's head; checked against the scripts by a test, so start-up need not parse them."""
 
 

@@ -21,6 +21,7 @@ from sqlalchemy import (
     String,
     Table,
     bindparam,
+    case,
     delete,
     func,
     select,
@@ -632,6 +633,15 @@ class Store:
                 )
             )
 
+    def record_owned_bytes(self, owned: dict[str, int]) -> None:
+        """What each named machine's disk owns, just measured (quotas count it)."""
+        if not owned:
+            return
+        with self._tx() as s:
+            for name, value in owned.items():
+                s.execute(update(MachineRow).where(MachineRow.name == name)
+                          .values(owned_bytes=value))
+
     def forget_machine(self, name: str, uuid: str) -> None:
         """Delete the record of this machine, never a namesake. Idempotent."""
         with self._tx() as s:
@@ -1061,7 +1071,7 @@ def _insert_machine(s: Session, machine: Machine, overcommit: Overcommit | None)
         raise NotFound("project", machine.project)
     quota = Quota(*row)
     if not quota.unlimited:  # summing a big project's usage costs more than the insert
-        asked = Usage.of(1, machine.cpus, machine.memory_bytes, machine.disk_bytes or 0)
+        asked = Usage.of(1, machine.cpus, machine.memory_bytes, machine.disk_claim)
         quota.require_room(machine.project, _usage(s, project=machine.project), asked)
     s.execute(_INSERT_MACHINE, _machine_values(machine))
 
@@ -1169,6 +1179,7 @@ def _machine_values(m: Machine) -> dict[str, Any]:
         placement_group=m.placement.group,
         kernel_image=m.kernel_image,
         storage_pool=m.storage_pool,
+        owned_bytes=m.owned_bytes,
     )
 
 
@@ -1195,6 +1206,7 @@ def _machine(row: MachineRow | Row[*tuple[Any, ...]]) -> Machine:
         placement=PlacementHints.from_json(row.placement, row.placement_group),
         kernel_image=row.kernel_image,
         storage_pool=row.storage_pool,
+        owned_bytes=row.owned_bytes,
     )
 
 
@@ -1243,12 +1255,16 @@ def _filtered(q: _Q, where: MachineFilter) -> _Q:
 
 
 def _usage(s: Session, project: str | None = None, host: str | None = None) -> Usage:
-    """What the machines of a project, or of a host, hold together."""
+    """What the machines of a project, or of a host, hold together. A disk counts the
+    bytes it owns (as last measured), but at least its claim: a linked clone's shared
+    base is not the project's, the room it was promised to grow into is."""
+    held = case((MachineRow.owned_bytes > MachineRow.disk_claim, MachineRow.owned_bytes),
+                else_=MachineRow.disk_claim)
     q = select(
         func.count(),
         func.coalesce(func.sum(MachineRow.cpus), 0),
         func.coalesce(func.sum(MachineRow.memory_bytes), 0),
-        func.coalesce(func.sum(MachineRow.disk_bytes), 0),
+        func.coalesce(func.sum(held), 0),
     )
     if project is not None:
         q = q.where(MachineRow.project == project)

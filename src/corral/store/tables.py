@@ -89,6 +89,8 @@ class MachineRow(Base):
     kernel_image: Mapped[str | None] = mapped_column(
         ForeignKey("images.name", ondelete="RESTRICT")
     )
+    owned_bytes: Mapped[int] = mapped_column(default=0)
+    """What its disk owned when last measured; quotas count it (``ops.usage``)."""
     # RESTRICT: a pool cannot be removed from under the disks it holds.
     storage_pool: Mapped[str | None] = mapped_column(
         ForeignKey("storage_pools.name", ondelete="RESTRICT")
