@@ -5,8 +5,13 @@ file of about 40,000 extents (4 KiB written every 64 KiB of a 2.5 GiB file; raw 
 the backend clones raw files, qcow2 with 40,000 clusters allocated for the qcow2
 overlay). Backends: qcow2 overlays in a directory of /var/tmp; btrfs (a subvolume per
 template, so a clone is a snapshot) and, for contrast, btrfs with the templates side
-by side at the pool's top (a clone is then a reflink of the file); XFS reflink. btrfs
-and XFS are made on loop devices over sparse files in /var/tmp, removed afterwards.
+by side at the pool's top (a clone is then a reflink of the file); XFS reflink; and, where
+this machine has what they need (else a row says what it lacks), lvm-thin (thin
+snapshots of thin volumes on a loop-device PV), zfs (zfs clone, a dataset per template
+on a file-vdev zpool) and rbd (RBD layering, in a namespace of the Ceph pool
+CORRAL_TEST_RBD_POOL names). On lvm-thin and rbd the templates are raw block volumes,
+converted in from local files. btrfs, XFS, the PV and the vdev are made over sparse
+files in /var/tmp, removed afterwards.
 Median of 15, taken round-robin, each round starting at another template. Baseline:
 a plain sparse copy of each template.
 """
@@ -23,10 +28,15 @@ from pathlib import Path
 
 from bench._env import median_ms, qemu_img, row, timed
 from corral.storage.base import StorageBackend
+from corral.storage.block import BlockVolumeBackend
 from corral.storage.btrfs import BtrfsBackend
+from corral.storage.lvm_thin import LvmThinBackend
 from corral.storage.qcow2_dir import Qcow2DirBackend
 from corral.storage.qemu_img import QemuImgLimits
+from corral.storage.rbd import RbdBackend
 from corral.storage.reflink import ReflinkBackend
+from corral.storage.zfs import ZfsBackend
+from tests.storage_pools import lvm_thin_pool, missing_backend, rbd_namespace, zfs_pool
 
 RUNS = 15
 LIMITS = QemuImgLimits(cpu_seconds=120, address_space=2 << 30)
@@ -77,8 +87,11 @@ def _fragmented(path: Path, raw: bool) -> None:
                    check=True, capture_output=True, text=True)
 
 
-def _extent_count(path: Path) -> int:
-    """Extents as FIEMAP lists them (``filefrag`` alone merges physically adjacent ones)."""
+def _extent_count(path: Path) -> int | None:
+    """Extents as FIEMAP lists them (``filefrag`` alone merges physically adjacent ones);
+    None for a block volume, which has no extents to list."""
+    if not path.is_file():
+        return None
     lines = _sh("filefrag", "-v", str(path)).splitlines()
     return sum(1 for line in lines if line.strip().split(":", 1)[0].isdigit())
 
@@ -94,9 +107,18 @@ def _templates(backend: StorageBackend, root: Path, own_subvolume: bool,
     ):
         name = f"tmpl-{len(made)}"
         path = backend.volume_path(name) if own_subvolume else root / f"{name}.img"
-        if own_subvolume and path.parent != root:
-            _sh("btrfs", "subvolume", "create", str(path.parent))
-        make(path)
+        if isinstance(backend, BlockVolumeBackend):  # a raw block volume, converted in
+            local = root / f"{name}.local"
+            make(local)
+            backend.full_clone(local, path, 0)
+            local.unlink()
+        else:
+            if isinstance(backend, ZfsBackend):
+                backend.create_empty(path)  # its dataset; the template then fills the file
+                path.unlink()
+            elif own_subvolume and path.parent != root:
+                _sh("btrfs", "subvolume", "create", str(path.parent))
+            make(path)
         made[label] = (path, size)
     os.sync()
     return made
@@ -117,8 +139,9 @@ def _measure(name: str, backend: StorageBackend, root: Path, *, own_subvolume: b
     medians = {label: median_ms(s) for label, s in samples.items()}
     for label, (base, _) in templates.items():
         extents = _extent_count(base)
+        counted = "a block volume" if extents is None else f"{extents:,} extents"
         ratio = medians[label] / baseline[label]
-        row(f"{name}: clone of {label} ({extents:,} extents)", f"{medians[label]:.2f} ms",
+        row(f"{name}: clone of {label} ({counted})", f"{medians[label]:.2f} ms",
             f"sparse copy {baseline[label]:.0f} ms (clone / copy {ratio:.3f})")
     spread = max(medians.values()) / min(medians.values())
     row(f"{name}: largest / smallest", f"{spread:.2f}×", "(goal ≤ 1.2)")
@@ -166,5 +189,24 @@ def run() -> None:
             with _loop_mounted(mkfs, case) as mnt:
                 _measure(name, make(mnt), mnt, own_subvolume=own_subvolume, raw=True,
                          baseline=baseline)
+        pools: list[tuple[str, Callable[[Path, str], contextlib.AbstractContextManager[Path]],
+                          Callable[[Path], StorageBackend]]] = [
+            # 8 GiB: the 40,000-extent template maps its whole 2.5 GiB (a 4 KiB write
+            # in every 64 KiB thin-pool chunk or ZFS record).
+            ("lvm-thin", lambda t, n: lvm_thin_pool(t, n, 8 << 30),
+             lambda r: LvmThinBackend(r, LIMITS)),
+            ("zfs", lambda t, n: zfs_pool(t, n, 8 << 30), lambda r: ZfsBackend(r, LIMITS)),
+            ("rbd", rbd_namespace, lambda r: RbdBackend(r, LIMITS)),
+        ]
+        for name, pool_of, make_backend in pools:
+            lacking = missing_backend(name)
+            if lacking is not None:
+                row(name, "skipped", lacking.removeprefix(f"{name}: "))
+                continue
+            case = top / name
+            case.mkdir()
+            with pool_of(case, f"corral-bench-{secrets.token_hex(3)}") as pool_root:
+                _measure(f"{name} clone", make_backend(pool_root), pool_root,
+                         own_subvolume=True, raw=True, baseline=baseline)
     finally:
         shutil.rmtree(top, ignore_errors=True)
