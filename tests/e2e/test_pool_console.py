@@ -89,3 +89,28 @@ def test_the_create_form_previews_where_each_machine_would_go(
             assert found["total"] == 0
     finally:
         page.close()
+
+
+def test_hosts_page_lists_added_storage_pools_with_their_space(
+    browser: Browser, pooled: Served, shots: Path
+) -> None:
+    directory = pooled.settings.state_dir.parent / "console-pool"
+    directory.mkdir(exist_ok=True)
+    name = pooled.name("spool")
+    with pooled.admin() as c:
+        c.post("/pools", json={"name": name, "type": "qcow2", "path": str(directory)}
+               ).raise_for_status()
+    page = _logged_in(browser, pooled)
+    try:
+        page.goto(pooled.url + "/ui/hosts")
+        added = page.locator(f'tr[data-pool="{name}"]')
+        expect(added).to_contain_text("qcow2")
+        expect(added.locator(".pool-fill [role=progressbar]")).to_have_count(1)
+        own = page.locator("tr[data-pool]").filter(has_text="host's own")
+        expect(own).to_have_count(1)
+        expect(own.locator(".pool-owned")).not_to_be_empty()
+        page.screenshot(path=str(shots / "hosts-pools.png"), full_page=True)
+    finally:
+        page.close()
+        with pooled.admin() as c:
+            c.delete(f"/pools/{name}").raise_for_status()

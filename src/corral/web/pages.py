@@ -27,7 +27,9 @@ from corral.api.routers import jobs as job_routes
 from corral.api.routers import machines as machine_routes
 from corral.api.schemas import JobOut, MachineOut
 from corral.errors import CorralError, Unauthenticated
+from corral.ops import usage as usage_ops
 from corral.ops.accounts import Principal
+from corral.ops.usage import PoolUsage
 from corral.store.repository import MachineFilter
 from corral.web import format as fmt
 
@@ -169,6 +171,7 @@ def hosts_page(request: Request, session: SessionDep, svc: ServicesDep) -> HTMLR
     return _render(request, "hosts.html", session, "hosts",
                    hosts=host_routes.list_hosts(caller, svc),
                    pools=host_routes.list_pools(caller, svc),
+                   space=_space(caller, svc),
                    jobs=_jobs(caller, svc, 6))
 
 
@@ -220,6 +223,17 @@ def _overview(caller: Principal, svc: ServicesDep) -> dict[str, Any]:
         "events": job_routes.list_events(caller, svc, limit=8, before=None, after=None,
                                          target=None).items,
     }
+
+
+def _space(caller: Principal, svc: ServicesDep) -> dict[tuple[str, str], PoolUsage]:
+    """Admins see each pool's filesystem use and what its machines own; a host that
+    does not answer leaves the column empty rather than the page broken."""
+    if not caller.is_admin:
+        return {}
+    try:
+        return {(u.host, u.pool): u for u in usage_ops.pool_usage(svc.ctx)}
+    except CorralError:
+        return {}
 
 
 def _local(target: str) -> str:
