@@ -312,21 +312,12 @@ def set_backing(path: Path, backing: Path, limits: QemuImgLimits) -> None:
 
 
 def snapshot_names(path: Path, limits: QemuImgLimits) -> list[str]:
-    """The internal snapshots of the qcow2 image at ``path``, oldest first (by id).
+    """The names of the qcow2 image's internal snapshots, oldest first: the order of its
+    snapshot table, which qemu appends to (ids are no order: a deleted one's is reused).
 
     Raises NotFound if it does not exist and CorruptImage if qemu-img cannot read it.
     """
-    proc = _run(["info", "-f", "qcow2", "--output=json", "-U", _arg(path)], limits)
-    if proc.returncode != 0:
-        if "No such file or directory" in proc.stderr:
-            raise NotFound("volume", str(path), called="at")
-        raise CorruptImage(_failure(proc, f"read the qcow2 image '{path}'", limits))
-    try:
-        listed = json.loads(proc.stdout).get("snapshots", [])
-        ordered = sorted(listed, key=lambda s: int(s["id"]))
-        return [str(s["name"]) for s in ordered]
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise StorageError(f"qemu-img info printed unexpected output for '{path}'.") from exc
+    return [snap.name for snap in info(path, "qcow2", limits).snapshots]
 
 
 def snapshot(verb: str, path: Path, name: str, limits: QemuImgLimits) -> None:
