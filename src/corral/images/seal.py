@@ -28,7 +28,6 @@ import os
 import re
 import struct
 import subprocess
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -52,7 +51,8 @@ class CannotSeal(CorralError):
 
 class Action(StrEnum):
     EMPTY = "empty"
-    """Truncate to zero bytes, keeping the file (and its owner, mode and labels)."""
+    """Truncate a regular file to zero bytes, keeping it (and its owner, mode and
+    labels); anything else by that name is removed."""
     REMOVE = "remove"
     """Remove a file, a link or a whole directory tree."""
 
@@ -300,15 +300,13 @@ def _plan(image: _Image, rules: tuple[Rule, ...]) -> _Plan:
             if not pattern.fullmatch(entry.name):
                 continue
             path = f"{rule.directory}/{entry.name}"
-            if rule.action is Action.EMPTY:
-                if entry.is_regular and entry.size == 0:
-                    continue
-                plan.empties.append(path)
-                if entry.is_regular:
+            if rule.action is Action.EMPTY and entry.is_regular:
+                if entry.size > 0:
+                    plan.empties.append(path)
                     plan.commands += [f'punch "{path}" 0', f'sif "{path}" size 0']
-                else:  # a link or anything else where a file belongs: an empty file
-                    plan.commands += [f'rm "{path}"', *image.empty_file_commands(path)]
                 continue
+            # A link or a directory where a file belongs is removed (for machine-id, a
+            # missing file means "uninitialized" too).
             plan.removals.append(path)
             _remove_tree(image, path, entry, plan, depth=0)
     return plan
@@ -336,7 +334,6 @@ class _Image:
         self.fs = fs
         self.spec = f"{disk}?offset={fs.offset}" if fs.offset else str(disk)
         self._listings: dict[str, list[_Entry] | None] = {}
-        self._empty: Path | None = None
 
     def listing(self, directory: str) -> list[_Entry] | None:
         """The entries of ``directory``, or None unless every component of it is a real
@@ -372,28 +369,10 @@ class _Image:
             entries.append(_Entry(name, int(match.group(2), 8), int(match.group(4) or 0)))
         return entries
 
-    def empty_file_commands(self, path: str) -> list[str]:
-        if self._empty is None:
-            fd, name = tempfile.mkstemp(prefix=".corral-empty-", dir=self.disk.parent)
-            os.close(fd)
-            self._empty = Path(name)
-        directory, _, name = path.rpartition("/")
-        return [f'cd "{directory or "/"}"', f'write "{self._empty}" "{name}"', "cd /",
-                f'sif "{path}" mode 0100444', f'sif "{path}" uid 0', f'sif "{path}" gid 0']
-
     def apply(self, plan: _Plan) -> None:
-        if not plan.commands:
-            return
-        fd, name = tempfile.mkstemp(prefix=".corral-seal-", suffix=".cmd", dir=self.disk.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write("".join(f"{command}\n" for command in plan.commands))
-            self._debugfs(["-w", "-f", name])
-        finally:
-            Path(name).unlink(missing_ok=True)
-            if self._empty is not None:
-                self._empty.unlink(missing_ok=True)
-                self._empty = None
+        if plan.commands:  # on stdin: no file to leave behind if this process is killed
+            script = "".join(f"{command}\n" for command in plan.commands)
+            self._debugfs(["-w", "-f", "-"], script)
 
     def fsck(self, flags: list[str]) -> None:
         # e2fsck: 0 clean, 1 and 2 repaired, 4 damage left, 8 and up could not run.
@@ -405,17 +384,18 @@ class _Image:
                 hint="Repair it inside the machine (fsck), or capture with --no-seal.",
             )
 
-    def _debugfs(self, args: list[str]) -> str:
-        return _run(["debugfs", *args, self.spec], what="edit the filesystem").stdout
+    def _debugfs(self, args: list[str], script: str = "") -> str:
+        return _run(["debugfs", *args, self.spec], what="edit the filesystem",
+                    script=script).stdout
 
 
 def _run(
-    args: list[str], *, what: str, ok: range = range(1)
+    args: list[str], *, what: str, ok: range = range(1), script: str = ""
 ) -> subprocess.CompletedProcess[str]:
     try:
         done = subprocess.run(
-            args, capture_output=True, text=True, errors="replace", timeout=_TIMEOUT,
-            check=False, env={**os.environ, "LC_ALL": "C"}, stdin=subprocess.DEVNULL,
+            args, input=script, capture_output=True, text=True, errors="replace",
+            timeout=_TIMEOUT, check=False, env={**os.environ, "LC_ALL": "C"},
         )
     except FileNotFoundError as exc:
         raise CannotSeal(f"Cannot {what}: {args[0]} is not installed.",

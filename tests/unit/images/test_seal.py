@@ -85,6 +85,7 @@ def test_removes_the_identity_and_keeps_the_rest(tmp_path: Path) -> None:
     for rel, text in KEPT.items():
         assert read(image, f"/{rel}") == text, rel
     assert read(image, "/var/lib/cloud/instances") is None  # whole trees go
+    assert [p.name for p in tmp_path.iterdir()] == ["fs.img"]  # no file of its own left
     assert "removed /etc/ssh/ssh_host_ed25519_key" in report.lines()
     assert "removed /var/lib/cloud/instances" in report.lines()
     assert fsck_clean(image)
@@ -122,7 +123,7 @@ def test_no_symbolic_link_is_followed(tmp_path: Path) -> None:
     assert read(image, "/keep/instance") == "neither\n"
 
 
-def test_a_linked_machine_id_becomes_an_empty_file(tmp_path: Path) -> None:
+def test_a_linked_machine_id_is_removed_not_followed(tmp_path: Path) -> None:
     tree = tmp_path / "tree"
     (tree / "etc").mkdir(parents=True)
     (tree / "etc/hostname").write_text("web\n")
@@ -131,8 +132,9 @@ def test_a_linked_machine_id_becomes_an_empty_file(tmp_path: Path) -> None:
     with image.open("wb") as f:
         f.truncate(FS_BYTES)
     subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(tree), str(image)], check=True)
-    assert seal_disk(image).emptied == ("/etc/machine-id",)
-    assert read(image, "/etc/machine-id") == ""
+    report = seal_disk(image)
+    assert report.removed == ("/etc/machine-id",) and report.emptied == ()
+    assert read(image, "/etc/machine-id") is None  # missing: "uninitialized" too
     assert read(image, "/etc/hostname") == "web\n"
     assert fsck_clean(image)
 
