@@ -6,9 +6,11 @@ btrfs and XFS (reflink=1) are loop-mounted for the test (tests.loopfs)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,15 +24,24 @@ URI = "qemu:///system"
 SUBVOLUME_ROOT_INODE = 256
 
 
-@pytest.fixture(params=["btrfs", "reflink"])
+FILESYSTEM = {"btrfs": "btrfs", "reflink": "xfs"}
+
+
+@pytest.fixture(params=["btrfs", "reflink", "qcow2"])
 def typed_pool(request: pytest.FixtureRequest, with_appliance: CorralEnv) -> Iterator[
         tuple[CorralEnv, str, Path]]:
-    """``(env, pool name, mount point)``: an added pool of the type on its filesystem."""
+    """``(env, pool name, its directory)``: an added pool of the type on a filesystem it
+    needs (a qcow2 pool takes any directory)."""
     kind = request.param
     env = with_appliance
     fs_top = env.root / "fs"
     fs_top.mkdir(mode=0o755)
-    with loop_mounted("btrfs" if kind == "btrfs" else "xfs", fs_top) as mnt:
+    with contextlib.ExitStack() as stack:
+        if kind in FILESYSTEM:
+            mnt = stack.enter_context(loop_mounted(FILESYSTEM[kind], fs_top))
+        else:
+            mnt = fs_top / "plain"
+            mnt.mkdir(mode=0o755)
         name = f"{kind}-pool"
         env.run("pool", "add", name, "--type", kind, "--path", str(mnt))
         try:
@@ -44,6 +55,10 @@ def typed_pool(request: pytest.FixtureRequest, with_appliance: CorralEnv) -> Ite
 
 def marker(name: str) -> str:
     return run_in_guest(URI, name, "echo M=$(cat /root/marker)", r"M=(\w+)")
+
+
+def counter(name: str) -> int:
+    return int(run_in_guest(URI, name, "echo C=$(cat /run/counter)", r"C=(\d+)"))
 
 
 def write_marker(name: str, value: str) -> None:
@@ -66,16 +81,31 @@ def test_a_guest_on_a_typed_pool_boots_snapshots_and_reverts(
     machine = env.json("vm", "show", name)
     disk = Path(machine["disk_path"])
     assert disk.is_relative_to(mnt)
-    # a native clone stands alone: no qcow2 backing chain to the library
-    assert backing_of(str(disk)) is None
+    copy = mnt / next(p.name for p in mnt.iterdir() if p.name.startswith("base-appliance"))
+    if pool.startswith("qcow2"):
+        # an overlay of the pool's own copy of the image, not of the library's
+        assert backing_of(str(disk)) == str(copy)
+    else:
+        # a native clone stands alone: no qcow2 backing chain at all
+        assert backing_of(str(disk)) is None
     if pool.startswith("btrfs"):
         assert disk.parent.stat().st_ino == SUBVOLUME_ROOT_INODE  # a subvolume of its own
+        assert copy.stat().st_ino == SUBVOLUME_ROOT_INODE  # the image's copy: another
+
+    # a live snapshot holds memory: a counter in /run (tmpfs) resumes where it stood
+    run_in_guest(URI, name, "(i=0; while :; do i=$((i+1)); echo $i >/run/counter; "
+                 "sleep 1; done) >/dev/null 2>&1 & echo STARTED", "STARTED")
+    time.sleep(2)
 
     write_marker(name, "one")
+    at_snapshot = counter(name)
     env.run("vm", "snapshot", "create", name, "live")
     write_marker(name, "two")
+    time.sleep(3)
+    later = counter(name)
     env.run("vm", "snapshot", "revert", name, "live")
     assert marker(name) == "one"
+    assert at_snapshot <= counter(name) < later
 
     env.run("vm", "stop", name, timeout=300)
     env.run("vm", "snapshot", "create", name, "cold")
