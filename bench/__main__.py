@@ -6,7 +6,8 @@ import importlib
 import sys
 
 BENCHES = ["clone_define", "create_overhead", "boot", "batch", "api_list", "state_sweep",
-           "placement", "convert", "migrate", "first_write", "clone_backends"]
+           "placement", "convert", "migrate", "first_write", "clone_backends",
+           "snapshot_clone"]
 
 
 def main() -> None:

@@ -189,7 +189,7 @@ def _announce(ctx: Context, job: Job, what: str, message: str) -> None:
 
 JOB_MODULES = (
     "corral.ops.provision", "corral.ops.lifecycle", "corral.ops.images", "corral.ops.migrate",
-    "corral.ops.capture",
+    "corral.ops.capture", "corral.ops.snapshot_clone",
 )
 """Where the job and step kinds are registered: a recovery may meet any of them, whatever
 command happens to run it. A module that adds a job kind adds itself here."""

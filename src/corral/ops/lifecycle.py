@@ -9,10 +9,6 @@ from pathlib import Path
 from corral.errors import Conflict, CorralError, NotFound
 from corral.identity import allocate_macs, check_name, new_identity
 from corral.model import CloneMode, DiskUsage, Job, JobState, Machine, PowerState, Usage
-
-# Recovery imports this module (jobs.JOB_MODULES), so the snapshot-clone job kind and its
-# step are registered whatever command meets an interrupted one.
-from corral.ops import snapshot_clone as _snapshot_clone  # noqa: F401
 from corral.ops import steps as _steps  # noqa: F401  (registers the step kinds)
 from corral.ops.context import Context, HostHandle
 from corral.ops.jobs import PlannedStep, Recovery, execute_job, job_kind, prepare_job
