@@ -66,3 +66,28 @@ def uptime_and_boot(uri: str, name: str) -> tuple[float, str]:
     )
     uptime, boot_id = line.split()
     return float(uptime), boot_id
+
+
+# -- what the snapshot tests read and write in an appliance guest on qemu:///system --------
+
+LOCAL = "qemu:///system"
+
+
+def marker(name: str, uri: str = LOCAL) -> str:
+    """The word in /root/marker (on the guest's disk)."""
+    return run_in_guest(uri, name, "echo M=$(cat /root/marker)", r"M=(\w+)")
+
+
+def write_marker(name: str, value: str, uri: str = LOCAL) -> None:
+    run_in_guest(uri, name, f"echo {value} >/root/marker && sync && echo W{value}", f"W{value}")
+
+
+def start_counter(name: str, uri: str = LOCAL) -> None:
+    """A counter in memory only (/run is tmpfs), one a second: it survives a revert only
+    if the guest's memory does."""
+    run_in_guest(uri, name, "(i=0; while :; do i=$((i+1)); echo $i >/run/counter; "
+                 "sleep 1; done) >/dev/null 2>&1 & echo STARTED", "STARTED")
+
+
+def counter(name: str, uri: str = LOCAL) -> int:
+    return int(run_in_guest(uri, name, "echo C=$(cat /run/counter)", r"C=(\d+)"))

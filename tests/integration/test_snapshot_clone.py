@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from corral.images.appliance import ApplianceArtifacts
-from tests.guest_shell import run_in_guest, uptime_and_boot
+from tests.guest_shell import marker, run_in_guest, uptime_and_boot, write_marker
 from tests.integration.conftest import CorralEnv, libvirt_domain_names
 from tests.libvirt_cleanup import remove_prefixed
 from tests.multihost import TestHost, start_hosts, stop_hosts
@@ -27,12 +27,8 @@ pytestmark = pytest.mark.guest
 URI = "qemu:///system"
 
 
-def marker(name: str) -> str:
-    return run_in_guest(URI, name, "echo M=$(cat /root/marker)", r"M=(\w+)")
 
 
-def write_marker(name: str, value: str) -> None:
-    run_in_guest(URI, name, f"echo {value} >/root/marker && sync && echo W{value}", f"W{value}")
 
 
 def guest_hostname(name: str) -> str:

@@ -10,7 +10,13 @@ import time
 
 import pytest
 
-from tests.guest_shell import run_in_guest, uptime_and_boot
+from tests.guest_shell import (
+    counter,
+    marker,
+    start_counter,
+    uptime_and_boot,
+    write_marker,
+)
 from tests.integration.conftest import CorralEnv
 
 pytestmark = pytest.mark.guest
@@ -18,16 +24,10 @@ pytestmark = pytest.mark.guest
 URI = "qemu:///system"
 
 
-def marker(name: str) -> str:
-    return run_in_guest(URI, name, "echo M=$(cat /root/marker)", r"M=(\w+)")
 
 
-def counter(name: str) -> int:
-    return int(run_in_guest(URI, name, "echo C=$(cat /run/counter)", r"C=(\d+)"))
 
 
-def write_marker(name: str, value: str) -> None:
-    run_in_guest(URI, name, f"echo {value} >/root/marker && sync && echo W{value}", f"W{value}")
 
 
 def internal_snapshots(disk: str) -> set[str]:
@@ -43,9 +43,7 @@ def test_snapshots_revert_memory_and_disk_and_survive_deleting_the_middle(
     try:
         env.run("vm", "create", name, "--image", "appliance", "--wait", timeout=600)
         write_marker(name, "one")
-        # a counter in memory only (/run is tmpfs): it survives a revert only if memory does
-        run_in_guest(URI, name, "(i=0; while :; do i=$((i+1)); echo $i >/run/counter; "
-                     "sleep 1; done) >/dev/null 2>&1 & echo STARTED", "STARTED")
+        start_counter(name)
         time.sleep(3)
         _, boot = uptime_and_boot(URI, name)
         at_snapshot = counter(name)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.guest_shell import run_in_guest
+from tests.guest_shell import counter, marker, start_counter, write_marker
 from tests.integration.conftest import CorralEnv
 from tests.loopfs import loop_mounted
 
@@ -53,16 +53,10 @@ def typed_pool(request: pytest.FixtureRequest, with_appliance: CorralEnv) -> Ite
             env.run("pool", "remove", name, check=False)
 
 
-def marker(name: str) -> str:
-    return run_in_guest(URI, name, "echo M=$(cat /root/marker)", r"M=(\w+)")
 
 
-def counter(name: str) -> int:
-    return int(run_in_guest(URI, name, "echo C=$(cat /run/counter)", r"C=(\d+)"))
 
 
-def write_marker(name: str, value: str) -> None:
-    run_in_guest(URI, name, f"echo {value} >/root/marker && sync && echo W{value}", f"W{value}")
 
 
 def backing_of(disk: str) -> str | None:
@@ -93,8 +87,7 @@ def test_a_guest_on_a_typed_pool_boots_snapshots_and_reverts(
         assert copy.stat().st_ino == SUBVOLUME_ROOT_INODE  # the image's copy: another
 
     # a live snapshot holds memory: a counter in /run (tmpfs) resumes where it stood
-    run_in_guest(URI, name, "(i=0; while :; do i=$((i+1)); echo $i >/run/counter; "
-                 "sleep 1; done) >/dev/null 2>&1 & echo STARTED", "STARTED")
+    start_counter(name)
     time.sleep(2)
 
     write_marker(name, "one")

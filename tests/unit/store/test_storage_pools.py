@@ -9,17 +9,9 @@ import pytest
 from corral.errors import Conflict, NotFound
 from corral.model import Project, Quota, StoragePool, Usage
 from corral.store import Store
-from tests.unit.store.test_store import HOST, image, machine
+from tests.unit.store.test_store import machine
 
 POOL = StoragePool(name="fast", type="btrfs", host="local", path="/srv/fast")
-
-
-@pytest.fixture
-def store(store_url: str) -> Store:
-    s = Store(store_url)
-    s.put_host(HOST)
-    s.add_image(image())
-    return s
 
 
 def test_a_pool_is_recorded_once_by_name_and_by_path(store: Store) -> None:

@@ -74,14 +74,6 @@ def machine(name: str, mac: str | None, uuid: str) -> Machine:
     )
 
 
-@pytest.fixture
-def store(store_url: str) -> Store:
-    s = Store(store_url)
-    s.put_host(HOST)
-    s.add_image(image())
-    return s
-
-
 def test_schema_revision_constant_is_alembic_head() -> None:
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
