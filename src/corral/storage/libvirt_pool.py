@@ -16,8 +16,8 @@ Two facts about libvirt 9's dir pools shape the code below (both measured):
   does not zero bytes already in the file. ``write_range`` therefore sends zeros, not
   holes, over the part of a volume that may hold old bytes.
 
-Deleting a qcow2 volume that another volume of the pool reads through as its base is
-refused (Conflict naming it). libvirt's volume XML names each volume's backing file, so
+Deleting a ``.qcow2`` volume that another volume of the pool reads through as its base
+is refused (Conflict naming it). libvirt's volume XML names each volume's backing file, so
 ``delete`` refreshes the pool (overlays written through streams or by hand are probed
 then) and reads every volume's XML: one RPC per volume, paid only when a qcow2 volume
 is deleted. Volumes of other pools are not looked at.
@@ -149,7 +149,7 @@ class LibvirtPoolBackend(StorageBackend):
             vol = self._lookup(path)
             if vol is None:
                 return
-            dependant = self._dependant(vol, path)
+            dependant = self._dependant(path)
             if dependant is not None:
                 raise Conflict(
                     f"Cannot delete {path.name}: the volume {dependant} still reads through "
@@ -337,11 +337,14 @@ class LibvirtPoolBackend(StorageBackend):
             time.sleep(delay)
             delay = min(delay * 2, 0.5)
 
-    def _dependant(self, vol: Any, path: Path) -> str | None:
-        """The path of a volume of the pool whose backing file is ``path``, or None."""
-        root = safe_fromstring(vol.XMLDesc(0), what="volume XML")
-        fmt = root.find("target/format")
-        if path.suffix != ".qcow2" and (fmt is None or fmt.get("type") != "qcow2"):
+    def _dependant(self, path: Path) -> str | None:
+        """The path of a volume of the pool whose backing file is ``path``, or None.
+
+        Only a ``.qcow2`` volume is looked for, as every disk and base Corral makes is
+        named: asking libvirt a volume's format costs an RPC, and fails for a file that
+        went behind its back (a console log another host of a shared pool removed).
+        """
+        if path.suffix != ".qcow2":
             return None  # Corral's overlays name qcow2 bases only
         pool = self._pool()
         _refresh(pool)  # learn of overlays written behind libvirt's back
