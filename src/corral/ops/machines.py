@@ -6,6 +6,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from corral.formats.qcow2 import MAGIC as QCOW2_MAGIC
 from corral.formats.qcow2 import read_qcow2_header
 from corral.model import (
     DEFAULT_PROJECT,
@@ -161,9 +162,13 @@ def new_machine(
 
 
 def _backing_file(disk: Path) -> str | None:
-    """The backing file a local qcow2 disk's header names, made absolute."""
+    """The backing file a local qcow2 disk's header names, made absolute; a raw disk (an
+    lvm-thin or rbd block volume) has none."""
     with disk.open("rb") as f:
-        header = read_qcow2_header(f.read(_HEADER_BYTES))
+        head = f.read(_HEADER_BYTES)
+    if not head.startswith(QCOW2_MAGIC):
+        return None
+    header = read_qcow2_header(head)
     if header.backing_file is None:
         return None
     return str(disk.parent / header.backing_file)
