@@ -87,7 +87,7 @@ def domain_plan(ctx: Context, machine: Machine, handle: HostHandle) -> DomainPla
     if machine.storage_pool is not None:
         # An added pool's clone may stand alone (a btrfs snapshot, a reflink) or be an
         # overlay of the pool's copy of the base: the disk's header says which.
-        backing = _backing_file(Path(machine.disk_path))
+        backing = backing_file_of(Path(machine.disk_path))
     kernel_boot = where.kernel_boot if where is not None else None
     if kernel_boot is None and machine.kernel_image is not None:
         kernel_boot = image_on(handle, ctx.store.get_image(machine.kernel_image)).kernel_boot
@@ -161,7 +161,7 @@ def new_machine(
     )
 
 
-def _backing_file(disk: Path) -> str | None:
+def backing_file_of(disk: Path) -> str | None:
     """The backing file a local qcow2 disk's header names, made absolute; a raw disk (an
     lvm-thin or rbd block volume) has none."""
     with disk.open("rb") as f:
