@@ -50,7 +50,7 @@ from corral.storage.base import (
 )
 from corral.storage.block import usage_of
 from corral.storage.qcow2_dir import Qcow2DirBackend
-from corral.storage.reflink import grow, virtual_size
+from corral.storage.reflink import WRITABLE, grow, virtual_size
 from corral.storage.tools import read_pool_config, run_tool
 
 _CLONE_ORIGIN = "clone:"
@@ -181,6 +181,7 @@ class ZfsBackend(Qcow2DirBackend):
         try:
             if base.name != dest.name:
                 (dest.parent / base.name).rename(dest)
+            dest.chmod(WRITABLE)  # the clone kept the read-only base's mode
             grow(dest, virtual_size, self.limits)
         except BaseException:
             self._destroy_volume(home)
