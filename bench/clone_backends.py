@@ -1,6 +1,6 @@
 """Linked-clone time per storage backend, against template size and fragmentation.
 
-Templates: qcow2 of 1 GiB and 64 GiB virtual size (256 MiB written in one go), and a
+Templates: qcow2 of 1 GiB, 64 GiB and 1 TiB virtual size (256 MiB written in one go), and a
 file of about 40,000 extents (4 KiB written every 64 KiB of a 2.5 GiB file; raw where
 the backend clones raw files, qcow2 with 40,000 clusters allocated for the qcow2
 overlay). Backends: qcow2 overlays in a directory of /var/tmp; btrfs (a subvolume per
@@ -12,8 +12,8 @@ on a file-vdev zpool) and rbd (RBD layering, in a namespace of the Ceph pool
 CORRAL_TEST_RBD_POOL names). On lvm-thin and rbd the templates are raw block volumes,
 converted in from local files. btrfs, XFS, the PV and the vdev are made over sparse
 files in /var/tmp, removed afterwards.
-Median of 15, taken round-robin, each round starting at another template. Baseline:
-a plain sparse copy of each template.
+Median of 31, taken round-robin, each round starting at another template, each clone
+after a sync. Baseline: a plain sparse copy of each template.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import os
 import secrets
 import shutil
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 from bench._env import median_ms, qemu_img, row, timed
@@ -36,34 +36,16 @@ from corral.storage.qemu_img import QemuImgLimits
 from corral.storage.rbd import RbdBackend
 from corral.storage.reflink import ReflinkBackend
 from corral.storage.zfs import ZfsBackend
+from tests.loopfs import loop_mounted
 from tests.storage_pools import lvm_thin_pool, missing_backend, rbd_namespace, zfs_pool
 
-RUNS = 15
+RUNS = 31
 LIMITS = QemuImgLimits(cpu_seconds=120, address_space=2 << 30)
 STRIDE, CHUNK, EXTENTS = 64 << 10, 4 << 10, 40_000
 
 
 def _sh(*args: str) -> str:
     return subprocess.run(args, check=True, capture_output=True, text=True).stdout
-
-
-@contextlib.contextmanager
-def _loop_mounted(mkfs: list[str], top: Path) -> Iterator[Path]:
-    image, mnt = top / "fs.img", top / "mnt"
-    with image.open("wb") as f:
-        f.truncate(4 << 30)
-    mnt.mkdir()
-    device = _sh("losetup", "-f", "--show", str(image)).strip()
-    try:
-        _sh(*mkfs, device)
-        _sh("mount", device, str(mnt))
-        try:
-            yield mnt
-        finally:
-            if subprocess.run(["umount", str(mnt)], check=False).returncode != 0:
-                subprocess.run(["umount", "-l", str(mnt)], check=False)
-    finally:
-        subprocess.run(["losetup", "-d", device], check=False)
 
 
 def _qcow2(path: Path, size: str) -> None:
@@ -103,6 +85,7 @@ def _templates(backend: StorageBackend, root: Path, own_subvolume: bool,
     for label, make, size in (
         ("1 GiB", lambda p: _qcow2(p, "1G"), 1 << 30),
         ("64 GiB", lambda p: _qcow2(p, "64G"), 64 << 30),
+        ("1 TiB", lambda p: _qcow2(p, "1T"), 1 << 40),
         (f"{EXTENTS:,} extents", lambda p: _fragmented(p, raw), EXTENTS * STRIDE),
     ):
         name = f"tmpl-{len(made)}"
@@ -134,6 +117,9 @@ def _measure(name: str, backend: StorageBackend, root: Path, *, own_subvolume: b
         # round pays for (btrfs commits a transaction per snapshot) falls on all alike.
         for label, (base, size) in order[i % len(order):] + order[: i % len(order)]:
             dest = backend.volume_path(f"c{i}-{secrets.token_hex(2)}")
+            # Each clone starts from a written-back filesystem: a btrfs snapshot commits
+            # a transaction, and would otherwise pay for whatever the last clone left.
+            os.sync()
             samples[label].append(timed(lambda b=base, d=dest, s=size:
                                         backend.linked_clone(b, d, s)))
     medians = {label: median_ms(s) for label, s in samples.items()}
@@ -151,10 +137,11 @@ def _baseline(top: Path) -> dict[str, float]:
     """A plain sparse copy (no reflink) of each template, once, on /var/tmp."""
     src = top / "baseline"
     src.mkdir()
-    made = {"1 GiB": src / "a.qcow2", "64 GiB": src / "b.qcow2",
+    made = {"1 GiB": src / "a.qcow2", "64 GiB": src / "b.qcow2", "1 TiB": src / "t.qcow2",
             f"{EXTENTS:,} extents": src / "c.raw"}
     _qcow2(made["1 GiB"], "1G")
     _qcow2(made["64 GiB"], "64G")
+    _qcow2(made["1 TiB"], "1T")
     _fragmented(made[f"{EXTENTS:,} extents"], raw=True)
     os.sync()
     out: dict[str, float] = {}
@@ -176,17 +163,15 @@ def run() -> None:
         pool.mkdir()
         _measure("qcow2 dir", Qcow2DirBackend(pool, LIMITS), pool, own_subvolume=False,
                  raw=False, baseline=baseline)
-        cases: list[tuple[str, list[str], Callable[[Path], StorageBackend], bool]] = [
-            ("btrfs snapshot", ["mkfs.btrfs", "-q"], lambda m: BtrfsBackend(m, LIMITS), True),
-            ("btrfs file reflink", ["mkfs.btrfs", "-q"], lambda m: BtrfsBackend(m, LIMITS),
-             False),
-            ("xfs reflink", ["mkfs.xfs", "-q", "-m", "reflink=1"],
-             lambda m: ReflinkBackend(m, LIMITS), False),
+        cases: list[tuple[str, str, Callable[[Path], StorageBackend], bool]] = [
+            ("btrfs snapshot", "btrfs", lambda m: BtrfsBackend(m, LIMITS), True),
+            ("btrfs file reflink", "btrfs", lambda m: BtrfsBackend(m, LIMITS), False),
+            ("xfs reflink", "xfs", lambda m: ReflinkBackend(m, LIMITS), False),
         ]
-        for name, mkfs, make, own_subvolume in cases:
+        for name, fs, make, own_subvolume in cases:
             case = top / name.replace(" ", "-")
             case.mkdir()
-            with _loop_mounted(mkfs, case) as mnt:
+            with loop_mounted(fs, case, 4 << 30) as mnt:
                 _measure(name, make(mnt), mnt, own_subvolume=own_subvolume, raw=True,
                          baseline=baseline)
         pools: list[tuple[str, Callable[[Path, str], contextlib.AbstractContextManager[Path]],

@@ -54,6 +54,7 @@ from corral.storage.rbd import RbdBackend
 from corral.storage.reflink import ReflinkBackend
 from corral.storage.zfs import ZfsBackend
 from tests.libvirt_cleanup import remove_prefixed
+from tests.loopfs import loop_mounted
 from tests.storage_pools import lvm_thin_pool, missing_backend, rbd_namespace, zfs_pool
 
 QEMU_URI = "qemu:///system"
@@ -90,36 +91,6 @@ def _pool_xml(name: str, path: Path) -> str:
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(args, capture_output=True, text=True, check=True)
-
-
-MKFS = {"btrfs": ["mkfs.btrfs", "-q"], "xfs": ["mkfs.xfs", "-q", "-m", "reflink=1"]}
-
-
-@contextlib.contextmanager
-def loop_mounted(fs: str, top: Path) -> Iterator[Path]:
-    """A fresh ``fs`` on a loop device over a 2 GiB sparse file in ``top``, mounted on
-    ``top/mnt``; unmounted and detached on the way out, whatever happened."""
-    if shutil.which(MKFS[fs][0]) is None:
-        pytest.skip(f"{MKFS[fs][0]} is not installed (scripts/setup.sh installs it)")
-    image, mnt = top / f"{fs}.img", top / "mnt"
-    with image.open("wb") as f:
-        f.truncate(2 << 30)
-    mnt.mkdir()
-    attach = subprocess.run(["losetup", "-f", "--show", str(image)],
-                            capture_output=True, text=True, check=False)
-    if attach.returncode != 0:
-        pytest.skip(f"this machine has no free loop device: {attach.stderr.strip()}")
-    device = attach.stdout.strip()
-    try:
-        run(*MKFS[fs], device)
-        run("mount", device, str(mnt))
-        try:
-            yield mnt
-        finally:
-            if subprocess.run(["umount", str(mnt)], check=False).returncode != 0:
-                subprocess.run(["umount", "-l", str(mnt)], check=False)
-    finally:
-        subprocess.run(["losetup", "-d", device], check=False)
 
 
 @pytest.fixture(params=["qcow2-dir", "libvirt-pool", "btrfs", "reflink-xfs",
