@@ -33,6 +33,6 @@ def test_a_linked_clone_has_subclusters_and_reads_through_them(env: Env) -> None
     qemu_img("check", "-f", "qcow2", str(clone))
     subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0xcd 132k 4k", str(clone)],
                    check=True, capture_output=True)
-    assert reads(clone, 0xcd, "132k", "4k")
-    assert reads(clone, 0xab, "128k", "4k") and reads(clone, 0xab, "136k", "120k")
-    assert reads(base, 0xab, "132k", "4k")
+    assert reads(env, clone, 0xcd, "132k", "4k")
+    assert reads(env, clone, 0xab, "128k", "4k") and reads(env, clone, 0xab, "136k", "120k")
+    assert reads(env, base, 0xab, "132k", "4k")
