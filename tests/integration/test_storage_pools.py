@@ -86,28 +86,21 @@ def test_a_guest_on_a_typed_pool_boots_snapshots_and_reverts(
         assert disk.parent.stat().st_ino == SUBVOLUME_ROOT_INODE  # a subvolume of its own
         assert copy.stat().st_ino == SUBVOLUME_ROOT_INODE  # the image's copy: another
 
-    # a live snapshot holds memory: a counter in /run (tmpfs) resumes where it stood
-    start_counter(name)
-    time.sleep(2)
-
-    write_marker(name, "one")
-    at_snapshot = counter(name)
-    env.run("vm", "snapshot", "create", name, "live")
-    write_marker(name, "two")
-    time.sleep(3)
-    later = counter(name)
-    env.run("vm", "snapshot", "revert", name, "live")
-    assert marker(name) == "one"
-    assert at_snapshot <= counter(name) < later
-
-    env.run("vm", "stop", name, timeout=300)
-    env.run("vm", "snapshot", "create", name, "cold")
-    env.run("vm", "start", name)
-    write_marker(name, "three")
-    env.run("vm", "stop", name, timeout=300)
-    env.run("vm", "snapshot", "revert", name, "cold")
-    env.run("vm", "start", name)
-    assert marker(name) == "one"
+    if not pool.startswith("qcow2"):
+        # The native clones' disks snapshot as any qcow2 does (test_snapshots covers a
+        # stopped machine's and the tree): a live snapshot holds memory, so a counter in
+        # /run (tmpfs) resumes where it stood, and the disk comes back as it was.
+        start_counter(name)
+        time.sleep(2)
+        write_marker(name, "one")
+        at_snapshot = counter(name)
+        env.run("vm", "snapshot", "create", name, "live")
+        write_marker(name, "two")
+        time.sleep(3)
+        later = counter(name)
+        env.run("vm", "snapshot", "revert", name, "live")
+        assert marker(name) == "one"
+        assert at_snapshot <= counter(name) < later
 
     # the pool's figures: the machine's disk is accounted for there, not in the host's own
     usage = {p["pool"]: p for p in env.json("pool", "usage")}
