@@ -7,6 +7,7 @@ yields no usable token. Sessions are tokens too, with a CSRF value of their own.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import secrets
@@ -27,9 +28,14 @@ TOKEN_PREFIX = "corral_"  # noqa: S105  (marks a token in logs and secret scanne
 MIN_PASSWORD = 10
 SESSION_LIFETIME = timedelta(hours=12)
 _hasher = PasswordHasher()
-# Verified against when the user does not exist, so a wrong name costs as much time
-# as a wrong password and does not reveal which names exist.
-_DUMMY_HASH = _hasher.hash(secrets.token_urlsafe(16))
+
+
+@functools.cache
+def _dummy_hash() -> str:
+    """Verified against when the user does not exist, so a wrong name costs as much time
+    as a wrong password and does not reveal which names exist. Made on first use: an
+    argon2 hash costs ~90 ms, which every ``corral`` command would pay at start."""
+    return _hasher.hash(secrets.token_urlsafe(16))
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,7 +128,7 @@ def check_password(password: str) -> None:
 def authenticate(store: Store, name: str, password: str) -> User:
     stored = store.password_hash(name)
     try:
-        _hasher.verify(stored or _DUMMY_HASH, password)
+        _hasher.verify(stored or _dummy_hash(), password)
     except (VerificationError, InvalidHashError):
         stored = None
     if stored is None:

@@ -9,8 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from alembic import command
-from alembic.config import Config
 from sqlalchemy import Connection, Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
 
@@ -55,6 +53,10 @@ def migrate(engine: Engine) -> None:
     """Bring the schema to head; cheap when it already is."""
     if current_revision(engine) == SCHEMA_REVISION:
         return
+    # Imported here: alembic costs ~100 ms, which every command would pay at start.
+    from alembic import command
+    from alembic.config import Config
+
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
     with engine.begin() as conn:
