@@ -30,7 +30,11 @@ from corral.identity.names import check_name
 from corral.model import Host, Image, Machine, StoragePool
 from corral.ops.context import Context
 from corral.ops.hosts import local_host
-from corral.storage.base import StorageBackend, available_storage_backends
+from corral.storage.base import (
+    StorageBackend,
+    available_storage_backends,
+    load_storage_backend,
+)
 
 _LOCK = ".corral-pool.lock"
 _RESERVED = frozenset({"usage"})
@@ -94,7 +98,8 @@ def add_pool(ctx: Context, name: str, type_: str, path: Path) -> StoragePool:
     directory = _checked_directory(ctx, host, path)
     _probe(type_, directory)
     pool = StoragePool(name=name, type=type_, host=host.name, path=str(directory))
-    backend(ctx, pool)  # the plugin loads and accepts the directory
+    # The plugin loads and accepts the directory; not kept, in case recording fails.
+    load_storage_backend(type_, directory, ctx.limits)
     directory.chmod(0o755)  # QEMU runs as libvirt-qemu and must reach the disks
     ctx.store.add_storage_pool(pool)
     return ctx.store.find_storage_pool(name) or pool
