@@ -69,10 +69,11 @@ def _send(ctx: Context, a: dict[str, Any]) -> None:
     verified by sha256; a qcow2 overlay is re-pointed at the target's copy of its base."""
     source, target = ctx.on(a["source_host"]), ctx.on(a["host"])
     src, dest = Path(a["source"]), Path(a["path"])
-    require_room(ctx, target, f"the file {dest.name}")
     if a["backing"] is None:
         # Pool to pool, read, written and read back chunk by chunk at once: a full
         # clone's disk may be large, and a temporary copy would cost a pass more.
+        # Its length bounds what it takes (a qcow2 file holds no holes to speak of).
+        require_room(ctx, target, f"the file {dest.name}", needed=source.storage.size(src))
         copy_volume(source.storage, src, target.storage, dest,
                     on_progress=_fraction_of(ctx, source.storage.size(src)))
         return
@@ -82,6 +83,8 @@ def _send(ctx: Context, a: dict[str, Any]) -> None:
         local = Path(tmp) / src.name
         source.storage.fetch(src, local)
         qemu_img.set_backing(local, Path(a["backing"]), ctx.limits)
+        require_room(ctx, target, f"the file {dest.name}",
+                     needed=local.stat().st_blocks * 512)
         size = local.stat().st_size
         target.storage.delete(dest)  # a crash may have left part of one; resuming is no cheaper
         send_file(local, file_sha256(local), target.storage, dest,

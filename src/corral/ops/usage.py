@@ -142,18 +142,28 @@ def require_quota(ctx: Context, project: str, asked: Usage) -> None:
 
 
 def require_room(ctx: Context, handle: HostHandle, what: str, *,
-                 pool: str | None = None) -> None:
+                 pool: str | None = None, needed: int = 0) -> None:
     """Refuse to add ``what`` to a pool filled past ``pool_fill_limit``, by the host's
-    running count (libvirt keeps it as volumes come and go; no rescan of the pool).
-    ``pool`` names an added pool of that host; ``None`` is the host's own."""
-    limit = ctx.settings.pool_fill_limit
-    if limit >= 1:
-        return
+    running count (libvirt keeps it as volumes come and go; no rescan of the pool), or
+    to one with less than ``needed`` bytes free (then counted afresh).
+
+    ``pool`` names an added pool of that host; ``None`` is the host's own. ``needed`` is
+    for a file of known size sent to another host: refused here, it never meets a full
+    disk half-way through a libvirt upload stream, which can hang rather than fail.
+    """
     if pool is None:
-        space, name = _space(handle, fresh=False), f"The pool of host '{handle.host.name}'"
+        space = _space(handle, fresh=needed > 0)
+        name = f"The pool of host '{handle.host.name}'"
     else:
         space, name = _statvfs(get_pool(ctx, pool).path), f"Storage pool '{pool}'"
-    if space.fill >= limit:
+    if needed > space.available:
+        raise NoSpace(
+            f"{name} has only {format_size(space.available)} of free space, and {what} "
+            f"needs {format_size(needed)}, so it was not written there.",
+            hint="Free space in the pool (corral pool usage), or choose another host.",
+        )
+    limit = ctx.settings.pool_fill_limit
+    if limit < 1 and space.fill >= limit:
         raise NoSpace(
             f"{name} is {100 * space.fill:.0f} % full "
             f"({format_size(space.available)} free), past the {100 * limit:g} % limit, so "
