@@ -46,8 +46,8 @@ class Identity:
     host_key: str
 
 
-def identity(name: str) -> Identity:
-    line = run_in_guest(URI, name, IDENTITY, IDENTITY_LINE, timeout=120)
+def identity(name: str, uri: str = URI) -> Identity:
+    line = run_in_guest(uri, name, IDENTITY, IDENTITY_LINE, timeout=120)
     machine_id, key = (part.split("=", 1)[1] for part in line.split())
     return Identity(machine_id, key)
 
@@ -210,6 +210,7 @@ def test_a_machine_on_another_host_is_captured_through_libvirt(source: Source) -
         env.run("host", "add", "far", hosts[0].uri, "--pool-path", str(pool), "--network",
                 env.name("far"), "--accelerator", "tcg")
         env.run("vm", "create", name, "--image", "appliance", "--host", "far", "--wait")
+        identity(name, hosts[0].uri)  # its host key exists (made after the readiness line)
         env.run("vm", "stop", name)
         before = sorted(p.name for p in pool.iterdir())
         out = env.run("image", "capture", name, "--name", image).stdout
