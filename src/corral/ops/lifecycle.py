@@ -7,13 +7,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from corral.errors import Conflict, CorralError, NotFound
-from corral.identity import allocate_macs, check_name, new_identity
-from corral.model import CloneMode, DiskUsage, Job, JobState, Machine, PowerState, Usage
+from corral.identity import check_name
+from corral.model import CloneMode, DiskUsage, Job, JobState, Machine, PowerState
 from corral.ops import steps as _steps  # noqa: F401  (registers the step kinds)
 from corral.ops.context import Context, HostHandle
 from corral.ops.jobs import PlannedStep, Recovery, execute_job, job_kind, prepare_job
-from corral.ops.machines import disk_claim, machine_args, new_machine
-from corral.ops.usage import require_quota
+from corral.ops.machines import copy_of, machine_args
 
 DELETE = job_kind("delete", Recovery.ROLL_FORWARD)
 CLONE = job_kind("clone", Recovery.ROLL_BACK)
@@ -161,23 +160,7 @@ def prepare_clone(
     # A linked copy of a full clone or an imported disk stands alone all the same: it has
     # no base to share.
     clone_mode = mode if src.clone is CloneMode.LINKED and src.image else CloneMode.FULL
-    require_quota(ctx, src.project, Usage.of(1, src.cpus, src.memory_bytes,
-                                             disk_claim(ctx, clone_mode, size)))
-    (mac,) = allocate_macs(1, lambda c: ctx.store.taken(macs=c))
-    machine = new_machine(
-        handle,
-        new_identity(new, mac),
-        image=src.image,
-        cpus=src.cpus,
-        memory_bytes=src.memory_bytes,
-        clone=clone_mode,
-        ssh_keys=src.ssh_keys,
-        project=src.project,
-        disk_bytes=size,
-        disk_claim=disk_claim(ctx, clone_mode, size),
-        placement=src.placement,
-        kernel_image=src.kernel_image,
-    )
+    machine = copy_of(ctx, handle, src, new, clone_mode, size)
     identity = machine.identity
     args = machine_args(machine)
     on = {"host": src.host}

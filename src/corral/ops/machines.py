@@ -8,6 +8,7 @@ from typing import Any
 
 from corral.formats.qcow2 import MAGIC as QCOW2_MAGIC
 from corral.formats.qcow2 import read_qcow2_header
+from corral.identity import allocate_macs, new_identity
 from corral.model import (
     DEFAULT_PROJECT,
     CloneMode,
@@ -16,8 +17,10 @@ from corral.model import (
     Machine,
     PlacementHints,
     RecordState,
+    Usage,
 )
 from corral.ops.context import Context, HostHandle
+from corral.ops.usage import require_quota
 from corral.storage.base import StorageBackend
 from corral.store.repository import utcnow
 
@@ -158,6 +161,30 @@ def new_machine(
         placement=placement or PlacementHints(),
         kernel_image=kernel_image,
         storage_pool=pool[0] if pool is not None else None,
+    )
+
+
+def copy_of(ctx: Context, handle: HostHandle, src: Machine, new: str, clone: CloneMode,
+            disk_bytes: int) -> Machine:
+    """The record of a new machine made from ``src``'s disk (a clone, or a copy of one
+    of its snapshots): ``src``'s size, image, keys, project and placement, with a name,
+    UUID, MAC and seed of its own. The project's quota is checked for its claim first."""
+    claim = disk_claim(ctx, clone, disk_bytes)
+    require_quota(ctx, src.project, Usage.of(1, src.cpus, src.memory_bytes, claim))
+    (mac,) = allocate_macs(1, lambda c: ctx.store.taken(macs=c))
+    return new_machine(
+        handle,
+        new_identity(new, mac),
+        image=src.image,
+        cpus=src.cpus,
+        memory_bytes=src.memory_bytes,
+        clone=clone,
+        ssh_keys=src.ssh_keys,
+        project=src.project,
+        disk_bytes=disk_bytes,
+        disk_claim=claim,
+        placement=src.placement,
+        kernel_image=src.kernel_image,
     )
 
 

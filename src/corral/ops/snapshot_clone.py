@@ -35,14 +35,14 @@ from typing import Any
 from corral.compute.base import SNAPSHOTS
 from corral.errors import Conflict, CorralError, InvalidInput, NotFound
 from corral.formats.qcow2 import OVERLAY_CLUSTER_BITS, OVERLAY_EXTENDED_L2
-from corral.identity import allocate_macs, check_name, new_identity
-from corral.model import CloneMode, Job, JobState, Machine, RecordState, Usage
+from corral.identity import check_name
+from corral.model import CloneMode, Job, JobState, Machine, RecordState
 from corral.ops import steps as _steps  # noqa: F401  (registers the step kinds it reuses)
 from corral.ops.context import Context, HostHandle
 from corral.ops.distribute import image_on
 from corral.ops.jobs import PlannedStep, Recovery, execute_job, job_kind, prepare_job, step
-from corral.ops.machines import disk_claim, machine_args, new_machine
-from corral.ops.usage import require_quota, require_room
+from corral.ops.machines import copy_of, machine_args
+from corral.ops.usage import require_room
 from corral.storage import qemu_img
 
 log = logging.getLogger(__name__)
@@ -165,23 +165,7 @@ def prepare(
     size = disk.virtual_size
     base = _shared_base(ctx, handle, src, disk) if mode is CloneMode.LINKED else None
     clone_mode = CloneMode.LINKED if base is not None else CloneMode.FULL
-    require_quota(ctx, src.project, Usage.of(1, src.cpus, src.memory_bytes,
-                                             disk_claim(ctx, clone_mode, size)))
-    (mac,) = allocate_macs(1, lambda c: ctx.store.taken(macs=c))
-    machine = new_machine(
-        handle,
-        new_identity(new, mac),
-        image=src.image,
-        cpus=src.cpus,
-        memory_bytes=src.memory_bytes,
-        clone=clone_mode,
-        ssh_keys=src.ssh_keys,
-        project=src.project,
-        disk_bytes=size,
-        disk_claim=disk_claim(ctx, clone_mode, size),
-        placement=src.placement,
-        kernel_image=src.kernel_image,
-    )
+    machine = copy_of(ctx, handle, src, new, clone_mode, size)
     args = machine_args(machine)
     on = {"host": src.host}
     return prepare_job(
