@@ -41,9 +41,9 @@ from corral.storage.base import (
     LINKED_CLONE,
     SNAPSHOT,
     THIN_PROVISIONING,
-    Progress,
     check_snapshot_name,
 )
+from corral.storage.qcow2_dir import VolumesInHomes
 from corral.storage.reflink import SNAPSHOT_DIR, WRITABLE, ReflinkBackend, grow
 
 _SUBVOLUME_ROOT_INODE = 256  # the inode number of every btrfs subvolume's top directory
@@ -56,7 +56,7 @@ _AT_FDCWD = -100
 _RENAME_EXCHANGE = 1 << 1
 
 
-class BtrfsBackend(ReflinkBackend):
+class BtrfsBackend(VolumesInHomes, ReflinkBackend):
     """A directory on btrfs (the pool's top, which may itself be a subvolume)."""
 
     capabilities: ClassVar[frozenset[str]] = frozenset(
@@ -87,24 +87,6 @@ class BtrfsBackend(ReflinkBackend):
         except BaseException:
             _delete_subvolume(home)
             raise
-
-    def full_clone(
-        self, base: Path, dest: Path, virtual_size: int, progress: Progress | None = None
-    ) -> None:
-        with self._new_home(dest):
-            super().full_clone(base, dest, virtual_size, progress)
-
-    def copy(self, source: Path, dest: Path) -> None:
-        with self._new_home(dest):
-            super().copy(source, dest)
-
-    def put_file(self, source: Path, dest: Path) -> None:
-        with self._new_home(dest):
-            super().put_file(source, dest)
-
-    def create_empty(self, dest: Path) -> None:
-        with self._new_home(dest):
-            super().create_empty(dest)
 
     def delete(self, path: Path) -> None:
         """Remove the volume's snapshots, then the volume; its subvolume too when it holds

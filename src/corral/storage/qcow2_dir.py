@@ -19,11 +19,13 @@ directory (another pool) naming this base is not seen: such overlays are not Cor
 
 from __future__ import annotations
 
+import abc
 import errno
 import os
 import struct
 import subprocess
 from collections.abc import Generator, Iterable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import ClassVar
 
@@ -325,3 +327,33 @@ def backing_name(path: Path) -> str | None:
 
 def _allocated(path: Path) -> int:
     return path.stat().st_blocks * 512
+
+
+class VolumesInHomes(Qcow2DirBackend):
+    """A directory backend that gives each volume a home of its own (a btrfs subvolume,
+    a ZFS dataset) so that the home can be snapshotted or cloned whole. Every verb that
+    makes a volume makes its home first, through ``_new_home``, which removes a home it
+    made when the write fails; the file itself is written by the next class in line."""
+
+    @abc.abstractmethod
+    def _new_home(self, dest: Path) -> AbstractContextManager[None]:
+        """Make ``dest``'s home if it has none (nothing for a path outside any home);
+        remove the home made here if the body fails."""
+
+    def full_clone(
+        self, base: Path, dest: Path, virtual_size: int, progress: Progress | None = None
+    ) -> None:
+        with self._new_home(dest):
+            super().full_clone(base, dest, virtual_size, progress)
+
+    def copy(self, source: Path, dest: Path) -> None:
+        with self._new_home(dest):
+            super().copy(source, dest)
+
+    def put_file(self, source: Path, dest: Path) -> None:
+        with self._new_home(dest):
+            super().put_file(source, dest)
+
+    def create_empty(self, dest: Path) -> None:
+        with self._new_home(dest):
+            super().create_empty(dest)

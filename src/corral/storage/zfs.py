@@ -44,12 +44,11 @@ from corral.storage.base import (
     LINKED_CLONE,
     SNAPSHOT,
     THIN_PROVISIONING,
-    Progress,
     check_snapshot_name,
     check_volume_name,
 )
 from corral.storage.block import usage_of
-from corral.storage.qcow2_dir import Qcow2DirBackend
+from corral.storage.qcow2_dir import VolumesInHomes
 from corral.storage.reflink import WRITABLE, grow, virtual_size
 from corral.storage.tools import read_pool_config, run_tool
 
@@ -133,7 +132,7 @@ _ERRORS = {
 }
 
 
-class ZfsBackend(Qcow2DirBackend):
+class ZfsBackend(VolumesInHomes):
     capabilities: ClassVar[frozenset[str]] = frozenset(
         {LINKED_CLONE, FULL_CLONE, THIN_PROVISIONING, SNAPSHOT}
     )
@@ -186,24 +185,6 @@ class ZfsBackend(Qcow2DirBackend):
         except BaseException:
             self._destroy_volume(home)
             raise
-
-    def full_clone(
-        self, base: Path, dest: Path, virtual_size: int, progress: Progress | None = None
-    ) -> None:
-        with self._new_home(dest):
-            super().full_clone(base, dest, virtual_size, progress)
-
-    def copy(self, source: Path, dest: Path) -> None:
-        with self._new_home(dest):
-            super().copy(source, dest)
-
-    def put_file(self, source: Path, dest: Path) -> None:
-        with self._new_home(dest):
-            super().put_file(source, dest)
-
-    def create_empty(self, dest: Path) -> None:
-        with self._new_home(dest):
-            super().create_empty(dest)
 
     def delete(self, path: Path) -> None:
         """Destroy the volume's dataset with its snapshots (and a clone's origin
