@@ -23,13 +23,22 @@ import errno
 import os
 from collections.abc import Generator, Iterable
 from pathlib import Path
+from typing import ClassVar
 
 from corral.errors import Conflict, NoSpace, NotFound, StorageError
 from corral.model import DiskUsage
 from corral.storage import qemu_img
-from corral.storage.base import PIECE_BYTES, Hole, Piece, Progress, StorageBackend
+from corral.storage.base import (
+    PIECE_BYTES,
+    Hole,
+    Piece,
+    Progress,
+    StorageBackend,
+    check_volume_name,
+)
 from corral.storage.qcow2_dir import Qcow2DirBackend
 from corral.storage.sparse import file_pieces
+from corral.storage.tools import read_pool_config
 
 _QCOW2_MAGIC = b"QFI\xfb"
 _FALLOC_FL_KEEP_SIZE = 0x01
@@ -43,11 +52,29 @@ class BlockVolumeBackend(StorageBackend):
     """Volumes as block devices; files in ``directory``. Subclasses say which paths are
     volumes and how a volume is made, removed, cloned and measured."""
 
+    config_name: ClassVar[str]
+    """The backend's name in errors about its ``pool.json``."""
+    config_keys: ClassVar[tuple[str, ...]]
+    """What the pool's ``pool.json`` must name (volume group, RBD pool…)."""
+    config_optional: ClassVar[tuple[str, ...]] = ()
+
     def __init__(self, directory: Path, limits: qemu_img.QemuImgLimits) -> None:
         self.directory = directory
         self.limits = limits
         self.files = Qcow2DirBackend(directory, limits)
         """The pool's plain files (logs, seeds, markers), as a directory pool keeps them."""
+        self._names: dict[str, str] | None = None
+
+    def _config(self) -> dict[str, str]:
+        """The names in the pool's ``pool.json``, each checked as a volume name; read
+        once."""
+        if self._names is None:
+            names = read_pool_config(self.directory, self.config_name, self.config_keys,
+                                     optional=self.config_optional)
+            for value in names.values():
+                check_volume_name(value)
+            self._names = names
+        return self._names
 
     # -- what a subclass provides ------------------------------------------------------
 

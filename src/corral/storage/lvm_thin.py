@@ -40,7 +40,6 @@ from typing import Any, ClassVar
 
 from corral.errors import Conflict, CorralError, NotFound, StorageError
 from corral.model import DiskUsage
-from corral.storage import qemu_img
 from corral.storage.base import (
     FULL_CLONE,
     LINKED_CLONE,
@@ -51,7 +50,7 @@ from corral.storage.base import (
     check_volume_name,
 )
 from corral.storage.block import BlockVolumeBackend, usage_of
-from corral.storage.tools import read_pool_config, run_tool
+from corral.storage.tools import run_tool
 
 _TAKEN = "corral-taken-"
 """The tag prefix recording, in nanoseconds, when a snapshot was taken."""
@@ -160,9 +159,8 @@ class LvmThinBackend(BlockVolumeBackend, Snapshots):
         {LINKED_CLONE, FULL_CLONE, THIN_PROVISIONING, SNAPSHOT}
     )
 
-    def __init__(self, directory: Path, limits: qemu_img.QemuImgLimits) -> None:
-        super().__init__(directory, limits)
-        self._names: dict[str, str] | None = None
+    config_name = "lvm-thin"
+    config_keys = ("volume_group", "thin_pool")
 
     @property
     def vg(self) -> str:
@@ -171,14 +169,6 @@ class LvmThinBackend(BlockVolumeBackend, Snapshots):
     @property
     def thin_pool(self) -> str:
         return self._config()["thin_pool"]
-
-    def _config(self) -> dict[str, str]:
-        if self._names is None:
-            names = read_pool_config(self.directory, "lvm-thin", ["volume_group", "thin_pool"])
-            for value in names.values():
-                check_volume_name(value)
-            self._names = names
-        return self._names
 
     def volume_path(self, name: str) -> Path:
         return Path("/dev") / self.vg / check_volume_name(name)

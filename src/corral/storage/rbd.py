@@ -43,7 +43,6 @@ from typing import Any, ClassVar
 
 from corral.errors import Conflict, CorralError, NotFound, StorageError
 from corral.model import DiskUsage
-from corral.storage import qemu_img
 from corral.storage.base import (
     FULL_CLONE,
     LINKED_CLONE,
@@ -54,7 +53,7 @@ from corral.storage.base import (
     check_volume_name,
 )
 from corral.storage.block import BlockVolumeBackend, usage_of
-from corral.storage.tools import read_pool_config, run_tool
+from corral.storage.tools import run_tool
 
 _CLONE_ORIGIN = "clone:"
 
@@ -132,18 +131,9 @@ class RbdBackend(BlockVolumeBackend, Snapshots):
         {LINKED_CLONE, FULL_CLONE, THIN_PROVISIONING, SNAPSHOT}
     )
 
-    def __init__(self, directory: Path, limits: qemu_img.QemuImgLimits) -> None:
-        super().__init__(directory, limits)
-        self._names: dict[str, str] | None = None
-
-    def _config(self) -> dict[str, str]:
-        if self._names is None:
-            names = read_pool_config(self.directory, "rbd", ["rbd_pool"],
-                                     optional=["namespace", "client"])
-            for value in names.values():
-                check_volume_name(value)
-            self._names = names
-        return self._names
+    config_name = "rbd"
+    config_keys = ("rbd_pool",)
+    config_optional = ("namespace", "client")
 
     @property
     def device_dir(self) -> Path:
