@@ -233,26 +233,38 @@ def _convert(
             raise NoSpace(f"The filesystem holding '{dst}' is full; free space and retry.") from exc
         raise StorageError(f"Cannot create '{dst}': {exc.strerror}.") from exc
     try:
-        with tempfile.TemporaryFile() as stderr:
-            proc = _popen(args, limits, stderr)
-            assert proc.stdout is not None
-            with proc:
-                try:
-                    _follow_progress(proc.stdout.fileno(), progress)
-                finally:
-                    if proc.poll() is None:  # the callback raised: do not leave qemu-img behind
-                        proc.kill()
-                    proc.wait()
-            stderr.seek(0)
-            message = stderr.read().decode(errors="replace")
-        if proc.returncode != 0:
-            if _ENOSPC in message:
-                raise NoSpace(f"The filesystem holding '{dst}' is full; free space and retry.")
-            failed = subprocess.CompletedProcess(args, proc.returncode, "", message)
-            raise StorageError(_failure(failed, action, limits))
+        _run_converting(args, action, f"The filesystem holding '{dst}'", limits, progress)
     except BaseException:
         dst.unlink(missing_ok=True)
         raise
+
+
+def _run_converting(
+    args: list[str],
+    action: str,
+    holder: str,
+    limits: QemuImgLimits,
+    progress: Callable[[float], None] | None,
+) -> None:
+    """Run a ``qemu-img convert -p``, following its progress; a full target raises
+    NoSpace naming ``holder`` (what holds the target), any other failure StorageError."""
+    with tempfile.TemporaryFile() as stderr:
+        proc = _popen(args, limits, stderr)
+        assert proc.stdout is not None
+        with proc:
+            try:
+                _follow_progress(proc.stdout.fileno(), progress)
+            finally:
+                if proc.poll() is None:  # the callback raised: do not leave qemu-img behind
+                    proc.kill()
+                proc.wait()
+        stderr.seek(0)
+        message = stderr.read().decode(errors="replace")
+    if proc.returncode != 0:
+        if _ENOSPC in message:
+            raise NoSpace(f"{holder} is full; free space and retry.")
+        failed = subprocess.CompletedProcess(args, proc.returncode, "", message)
+        raise StorageError(_failure(failed, action, limits))
 
 
 def convert_onto(
@@ -271,23 +283,8 @@ def convert_onto(
     src_fmt = _format(src_fmt)
     args = ["convert", "-p", "-n", "--target-is-zero", "-f", src_fmt, "-O", "raw",
             _arg(src), _arg(device)]
-    with tempfile.TemporaryFile() as stderr:
-        proc = _popen(args, limits, stderr)
-        assert proc.stdout is not None
-        with proc:
-            try:
-                _follow_progress(proc.stdout.fileno(), progress)
-            finally:
-                if proc.poll() is None:
-                    proc.kill()
-                proc.wait()
-        stderr.seek(0)
-        message = stderr.read().decode(errors="replace")
-    if proc.returncode != 0:
-        if _ENOSPC in message:
-            raise NoSpace(f"The pool holding '{device}' is full; free space and retry.")
-        failed = subprocess.CompletedProcess(args, proc.returncode, "", message)
-        raise StorageError(_failure(failed, f"write '{src}' onto '{device}'", limits))
+    _run_converting(args, f"write '{src}' onto '{device}'", f"The pool holding '{device}'",
+                    limits, progress)
 
 
 def resize(path: Path, fmt: ImageFormat | str, size: int, limits: QemuImgLimits) -> None:
