@@ -31,7 +31,6 @@ from corral.model import Host, Image, Machine, StoragePool
 from corral.ops.context import Context
 from corral.ops.hosts import local_host
 from corral.storage.base import (
-    StorageBackend,
     available_storage_backends,
     load_storage_backend,
 )
@@ -135,7 +134,7 @@ def remove_pool(ctx: Context, name: str) -> StoragePool:
     they are the administrator's.
     """
     pool = get_pool(ctx, name)
-    store_pool = backend(ctx, pool)
+    store_pool = ctx.pool_storage(pool)
     held = [m.name for m in ctx.store.list_machines() if m.storage_pool == name]
     if held:
         raise Conflict(f"Storage pool '{name}' still holds the disks of {', '.join(held)}.",
@@ -159,11 +158,6 @@ def get_pool(ctx: Context, name: str) -> StoragePool:
     return pool
 
 
-def backend(ctx: Context, pool: StoragePool) -> StorageBackend:
-    """The plugin of the pool's type, on its directory (kept by the context)."""
-    return ctx.pool_storage(pool)
-
-
 # -- the copies of images a pool clones from -------------------------------------------
 
 
@@ -171,7 +165,7 @@ def base_path(ctx: Context, pool: StoragePool, image: Image) -> Path:
     """Where ``pool`` keeps its copy of ``image``: a volume of its own (a subvolume on
     btrfs, so that clones are snapshots of it). The checksum is in the name: a
     replaced image is a new copy."""
-    return backend(ctx, pool).volume_path(f"base-{image.name}-{image.sha256[:12]}")
+    return ctx.pool_storage(pool).volume_path(f"base-{image.name}-{image.sha256[:12]}")
 
 
 def ensure_base(ctx: Context, pool: StoragePool, image: Image) -> Path:
@@ -180,7 +174,7 @@ def ensure_base(ctx: Context, pool: StoragePool, image: Image) -> Path:
     One process copies at a time (a lock file in the pool); a copy cut short by a crash
     is found by its marker and made again.
     """
-    store_pool, base = backend(ctx, pool), base_path(ctx, pool, image)
+    store_pool, base = ctx.pool_storage(pool), base_path(ctx, pool, image)
     marker = Path(pool.path) / f".{base.name}.partial"
     with pool_lock(pool):
         if marker.exists():
@@ -215,7 +209,7 @@ def pool_lock(pool: StoragePool) -> Iterator[None]:
 
 
 def _view(ctx: Context, pool: StoragePool, machines: list[Machine]) -> PoolView:
-    store_pool = backend(ctx, pool)
+    store_pool = ctx.pool_storage(pool)
     images = [i.name for i in ctx.store.list_images()
               if store_pool.exists(base_path(ctx, pool, i))]
     held = [m for m in machines if m.storage_pool == pool.name]

@@ -253,12 +253,13 @@ def pool_usage(caller: Caller, svc: ServicesDep, host: Name | None = None) -> li
 
 @pools.get("", summary="Every host's own storage pool, then the added ones")
 def list_pools(caller: Caller, svc: ServicesDep) -> list[PoolOut]:
-    return [_pool_out(caller, svc, v) for v in pool_ops.list_pools(svc.ctx)]
+    seen = _visible_machines(caller, svc)
+    return [_pool_out(seen, v) for v in pool_ops.list_pools(svc.ctx)]
 
 
 @pools.get("/{name}", summary="One added storage pool", responses=documented(400, 404, 422))
 def get_pool(name: Name, caller: Caller, svc: ServicesDep) -> PoolOut:
-    return _pool_out(caller, svc, pool_ops.show_pool(svc.ctx, name))
+    return _pool_out(_visible_machines(caller, svc), pool_ops.show_pool(svc.ctx, name))
 
 
 @pools.delete("/{name}", status_code=204, summary="Forget an added storage pool (admins)",
@@ -271,9 +272,12 @@ def remove_pool(name: Name, caller: Caller, svc: ServicesDep) -> Response:
     return Response(status_code=204)
 
 
-def _pool_out(caller: Principal, svc: ServicesDep, view: pool_ops.PoolView) -> PoolOut:
-    """Only the machines the caller may see are named."""
-    seen = {m.name for m in svc.ctx.store.list_machines() if caller.can_read(m.project)}
+def _visible_machines(caller: Principal, svc: ServicesDep) -> set[str]:
+    return {m.name for m in svc.ctx.store.list_machines() if caller.can_read(m.project)}
+
+
+def _pool_out(seen: set[str], view: pool_ops.PoolView) -> PoolOut:
+    """Only the machines the caller may see (``seen``) are named."""
     out = view.to_dict()
     return PoolOut(**{**out, "machines": [n for n in out["machines"] if n in seen]})
 
@@ -285,4 +289,4 @@ def add_pool(body: PoolCreate, caller: Caller, svc: ServicesDep) -> PoolOut:
     ``type``; refused if the filesystem cannot serve that type."""
     caller.require_admin()
     pool_ops.add_pool(svc.ctx, body.name, body.type, Path(body.path))
-    return _pool_out(caller, svc, pool_ops.show_pool(svc.ctx, body.name))
+    return _pool_out(_visible_machines(caller, svc), pool_ops.show_pool(svc.ctx, body.name))
